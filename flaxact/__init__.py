@@ -1,0 +1,78 @@
+"""flaxact: accurate activations and memory-lean gated FFN layers for JAX.
+
+Element-wise activations, split-form gated functions (value first, gate
+second), the two-array gated product, the name registry and the LLaMA hidden
+width rule. Flax layers live in :mod:`flaxact.linen` and :mod:`flaxact.nnx`.
+
+**``flaxact.gelu`` defaults to the exact (erf) form**, like PyTorch; use
+``flaxact.gelu_tanh`` for ``jax.nn.gelu``'s default.
+"""
+
+from importlib import metadata as _metadata
+
+from flaxact._src.exponential import celu as celu
+from flaxact._src.exponential import elu as elu
+from flaxact._src.exponential import selu as selu
+from flaxact._src.gated import bilinear as bilinear
+from flaxact._src.gated import gated_product as gated_product
+from flaxact._src.gated import geglu as geglu
+from flaxact._src.gated import geglu_tanh as geglu_tanh
+from flaxact._src.gated import glu as glu
+from flaxact._src.gated import reglu as reglu
+from flaxact._src.gated import swiglu as swiglu
+from flaxact._src.gelu import gelu as gelu
+from flaxact._src.gelu import gelu_tanh as gelu_tanh
+from flaxact._src.hidden import ffn_hidden_features as ffn_hidden_features
+from flaxact._src.piecewise import hard_sigmoid as hard_sigmoid
+from flaxact._src.piecewise import hard_silu as hard_silu
+from flaxact._src.piecewise import identity as identity
+from flaxact._src.piecewise import leaky_relu as leaky_relu
+from flaxact._src.piecewise import relu as relu
+from flaxact._src.piecewise import relu6 as relu6
+from flaxact._src.piecewise import relu_squared as relu_squared
+from flaxact._src.registry import ACTIVATIONS as ACTIVATIONS
+from flaxact._src.registry import get_activation as get_activation
+from flaxact._src.sigmoid import sigmoid as sigmoid
+from flaxact._src.sigmoid import softplus as softplus
+from flaxact._src.sigmoid import tanh as tanh
+from flaxact._src.swish import mish as mish
+from flaxact._src.swish import quick_gelu as quick_gelu
+from flaxact._src.swish import silu as silu
+from flaxact._src.swish import swish as swish
+
+try:
+  __version__ = _metadata.version('flaxact')
+except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+  __version__ = '0.0.0+unknown'
+
+__all__ = [
+  'ACTIVATIONS',
+  'bilinear',
+  'celu',
+  'elu',
+  'ffn_hidden_features',
+  'gated_product',
+  'geglu',
+  'geglu_tanh',
+  'gelu',
+  'gelu_tanh',
+  'get_activation',
+  'glu',
+  'hard_sigmoid',
+  'hard_silu',
+  'identity',
+  'leaky_relu',
+  'mish',
+  'quick_gelu',
+  'reglu',
+  'relu',
+  'relu6',
+  'relu_squared',
+  'selu',
+  'sigmoid',
+  'silu',
+  'softplus',
+  'swiglu',
+  'swish',
+  'tanh',
+]
