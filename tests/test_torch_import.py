@@ -1,0 +1,443 @@
+"""Tests of PyTorch weight import: the state-dict reader and ``from_torch``.
+
+torch is not needed: the reference weights, inputs and PyTorch outputs come
+from ``tests/data/torch_reference.npz``, written by
+``tests/data/make_torch_reference.py`` (see its docstring to regenerate it).
+Torch tensors are stood in for by small classes with torch's conversion
+methods.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from flaxact._src import torch_import
+from flaxact._src.torch_import import parse_state_dict
+from tests import helpers
+
+DATA = pathlib.Path(__file__).parent / 'data' / 'torch_reference.npz'
+
+
+def _load_reference() -> dict[str, dict]:
+  cases: dict[str, dict] = {}
+  with np.load(DATA) as data:
+    for key in data.files:
+      if key == 'torch_version':
+        continue
+      name, field = key.split('.', 1)
+      case = cases.setdefault(name, {'sd': {}})
+      if field.startswith('sd.'):
+        case['sd'][field[3:]] = data[key]
+      elif field in ('layout', 'activation'):
+        case[field] = str(data[key])
+      else:
+        case[field] = data[key]
+  return cases
+
+
+REFERENCE = _load_reference()
+CASE_NAMES = sorted(REFERENCE)
+
+
+def _kwargs(case: dict) -> dict:
+  return dict(layout=case['layout'], activation=case['activation'] or None)
+
+
+# float64 numpy versions of the activations the layouts use.
+_NP_ACT = {
+  'silu': lambda x: x / (1 + np.exp(-x)),
+  'relu': lambda x: np.maximum(x, 0),
+  'gelu': lambda x: 0.5 * x * special.erfc(-x / np.sqrt(2)),
+  'gelu_tanh': lambda x: (
+    0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+  ),
+  'gelu_pytorch_tanh': lambda x: _NP_ACT['gelu_tanh'](x),
+}
+
+
+def _numpy_forward(ffn: torch_import.TorchFFN, x: np.ndarray) -> np.ndarray:
+  """The FFN computed from the parsed weights in float64 numpy."""
+  p = {
+    k: {n: np.asarray(v, np.float64) for n, v in d.items()}
+    for k, d in ffn.params().items()
+  }
+
+  def dense(name, h):
+    y = h @ p[name]['kernel']
+    return y + p[name]['bias'] if 'bias' in p[name] else y
+
+  assert isinstance(ffn.activation, str)
+  act = _NP_ACT[ffn.activation]
+  x = np.asarray(x, np.float64)
+  if ffn.gated:
+    h = act(dense('gate_proj', x)) * dense('up_proj', x)
+  else:
+    h = act(dense('up_proj', x))
+  return dense('down_proj', h)
+
+
+class FakeTensor:
+  """Stands in for a ``torch.Tensor``: ``detach``, ``cpu``, ``numpy``."""
+
+  def __init__(self, array, dtype: str = 'torch.float32'):
+    self._array = np.asarray(array)
+    self.dtype = dtype
+    self.calls: list[str] = []
+
+  def detach(self):
+    self.calls.append('detach')
+    return self
+
+  def cpu(self):
+    self.calls.append('cpu')
+    return self
+
+  def numpy(self):
+    self.calls.append('numpy')
+    if self.dtype in ('torch.bfloat16', 'torch.qint8'):  # as torch does
+      raise TypeError(f'Got unsupported ScalarType {self.dtype}')
+    return self._array
+
+  def float(self):
+    self.calls.append('float')
+    return FakeTensor(self._array.astype(np.float32))
+
+
+def _llama_sd(d=4, h=6, dtype=np.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+    'gate_proj.weight': rng.normal(size=(h, d)).astype(dtype),
+    'up_proj.weight': rng.normal(size=(h, d)).astype(dtype),
+    'down_proj.weight': rng.normal(size=(d, h)).astype(dtype),
+  }
+
+
+# --- the state-dict reader against the PyTorch reference ---------------------
+
+
+def test_reference_file_has_every_layout():
+  layouts = {REFERENCE[name]['layout'] for name in CASE_NAMES}
+  assert layouts == set(torch_import.LAYOUTS)
+
+
+@pytest.mark.parametrize('name', CASE_NAMES)
+def test_parsed_weights_reproduce_torch_outputs(name):
+  case = REFERENCE[name]
+  ffn = parse_state_dict(case['sd'], **_kwargs(case))
+  y = _numpy_forward(ffn, case['x'])
+  np.testing.assert_allclose(y, case['y'], **helpers.tol(jnp.float32))
+
+
+@pytest.mark.parametrize(
+  'name, gated, sizes, use_bias',
+  [
+    ('llama', True, (8, 12, 8), False),
+    ('llama_bias', True, (8, 12, 8), True),
+    ('t5', False, (8, 12, 8), False),
+    ('t5_gated', True, (8, 12, 8), False),
+    ('gpt2', False, (8, 16, 8), True),
+    ('bert', False, (8, 12, 8), True),
+    ('phi3', True, (8, 12, 8), False),
+  ],
+)
+def test_parsed_description(name, gated, sizes, use_bias):
+  ffn = parse_state_dict(
+    REFERENCE[name]['sd'], layout=REFERENCE[name]['layout']
+  )
+  assert ffn.gated is gated
+  assert (ffn.in_features, ffn.hidden_features, ffn.out_features) == sizes
+  assert ffn.use_bias is use_bias
+  d, h, out = sizes
+  assert ffn.kernels['up_proj'].shape == (d, h)
+  assert ffn.kernels['down_proj'].shape == (h, out)
+  assert ('gate_proj' in ffn.kernels) is gated
+  assert ffn.param_dtype == np.float32
+
+
+def test_phi3_gate_rows_come_first():
+  w = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # hidden 2, d 3
+  down = np.zeros((3, 2), np.float32)
+  ffn = parse_state_dict(
+    {'gate_up_proj.weight': w, 'down_proj.weight': down}, layout='phi3'
+  )
+  np.testing.assert_array_equal(ffn.kernels['gate_proj'], w[:2].T)
+  np.testing.assert_array_equal(ffn.kernels['up_proj'], w[2:].T)
+
+
+def test_gpt2_conv1d_weights_are_not_transposed():
+  rng = np.random.default_rng(0)
+  sd = {
+    'c_fc.weight': rng.normal(size=(3, 5)).astype(np.float32),
+    'c_fc.bias': np.zeros(5, np.float32),
+    'c_proj.weight': rng.normal(size=(5, 3)).astype(np.float32),
+    'c_proj.bias': np.zeros(3, np.float32),
+  }
+  ffn = parse_state_dict(sd, layout='gpt2')
+  np.testing.assert_array_equal(ffn.kernels['up_proj'], sd['c_fc.weight'])
+  np.testing.assert_array_equal(ffn.kernels['down_proj'], sd['c_proj.weight'])
+
+
+def test_layout_defaults_and_activation_override():
+  expected = {
+    'llama': 'silu',
+    't5': 'relu',
+    't5_gated': 'gelu_tanh',
+    'gpt2': 'gelu_tanh',
+    'bert': 'gelu',
+    'phi3': 'silu',
+  }
+  for name in CASE_NAMES:
+    case = REFERENCE[name]
+    if not case['activation']:
+      ffn = parse_state_dict(case['sd'], layout=case['layout'])
+      assert ffn.activation == expected[case['layout']], name
+  ffn = parse_state_dict(_llama_sd(), layout='llama', activation='gelu_new')
+  assert ffn.activation == 'gelu_new'
+
+
+def test_layout_name_is_normalised():
+  ffn = parse_state_dict(REFERENCE['t5_gated']['sd'], layout='T5-Gated')
+  assert ffn.layout == 't5_gated'
+
+
+def test_bert_layernorm_keys_are_ignored_not_loaded():
+  sd = REFERENCE['bert']['sd']
+  assert 'output.LayerNorm.weight' in sd
+  ffn = parse_state_dict(sd, layout='bert')
+  assert set(ffn.params()) == {'up_proj', 'down_proj'}
+
+
+# --- prefixes, extra keys ----------------------------------------------------
+
+
+def _in_a_model(sd: dict, layer: int = 0) -> dict:
+  """``sd`` as it appears in a whole model's state dict, with neighbours."""
+  rng = np.random.default_rng(1)
+  full = {'model.embed_tokens.weight': rng.normal(size=(10, 4))}
+  for i in range(12):
+    full[f'model.layers.{i}.self_attn.q_proj.weight'] = rng.normal(size=(4, 4))
+    other = _llama_sd(seed=i + 10) if i != layer else sd
+    for key, value in other.items():
+      full[f'model.layers.{i}.mlp.{key}'] = value
+  return full
+
+
+@pytest.mark.parametrize(
+  'prefix', ['model.layers.1.mlp.', 'model.layers.1.mlp']
+)
+def test_prefix_selects_one_layer(prefix):
+  sd = _llama_sd(seed=3)
+  ffn = parse_state_dict(
+    _in_a_model(sd, layer=1), layout='llama', prefix=prefix
+  )
+  np.testing.assert_array_equal(
+    ffn.kernels['gate_proj'], sd['gate_proj.weight'].T
+  )
+
+
+def test_unexpected_keys_raise_naming_them():
+  sd = {**_llama_sd(), 'act_fn.alpha': np.ones(1, np.float32)}
+  with pytest.raises(ValueError, match=r"unexpected key.*'act_fn\.alpha'"):
+    parse_state_dict(sd, layout='llama')
+
+
+def test_unexpected_keys_under_a_prefix_raise():
+  full = _in_a_model(_llama_sd())
+  # 'model.layers.1' would also catch 'model.layers.1x'; the '.' is added.
+  full['model.layers.0.mlp.extra.weight'] = np.zeros((2, 2))
+  with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.extra"):
+    parse_state_dict(full, layout='llama', prefix='model.layers.0.mlp')
+
+
+def test_strict_false_ignores_unexpected_keys():
+  sd = {**_llama_sd(), 'act_fn.alpha': np.ones(1, np.float32)}
+  ffn = parse_state_dict(sd, layout='llama', strict=False)
+  assert set(ffn.kernels) == {'gate_proj', 'up_proj', 'down_proj'}
+
+
+def test_bias_keys_not_in_the_layout_are_unexpected():
+  sd = {**REFERENCE['t5']['sd'], 'wi.bias': np.zeros(12, np.float32)}
+  with pytest.raises(ValueError, match=r"unexpected key.*'wi\.bias'"):
+    parse_state_dict(sd, layout='t5')
+
+
+# --- errors -------------------------------------------------------------------
+
+
+def test_unknown_layout_lists_valid_ones():
+  with pytest.raises(ValueError, match='unknown layout') as err:
+    parse_state_dict(_llama_sd(), layout='mixtral')
+  for name in torch_import.LAYOUTS:
+    assert repr(name) in str(err.value)
+
+
+def test_unknown_layout_suggests_close_name():
+  with pytest.raises(ValueError, match="Did you mean 'llama'"):
+    parse_state_dict(_llama_sd(), layout='lama')
+
+
+def test_non_string_layout_raises_value_error():
+  with pytest.raises(ValueError, match='layout must be one of'):
+    parse_state_dict(_llama_sd(), layout=None)  # type: ignore[arg-type]
+
+
+def test_missing_key_is_named():
+  sd = _llama_sd()
+  del sd['up_proj.weight']
+  with pytest.raises(ValueError, match=r"missing key.*'up_proj\.weight'"):
+    parse_state_dict(sd, layout='llama')
+
+
+def test_missing_bias_names_key_and_layout():
+  sd = dict(REFERENCE['gpt2']['sd'])
+  del sd['c_proj.bias']
+  with pytest.raises(ValueError, match=r"'gpt2'.*missing.*'c_proj\.bias'"):
+    parse_state_dict(sd, layout='gpt2')
+
+
+def test_partial_llama_biases_raise():
+  sd = {**_llama_sd(), 'gate_proj.bias': np.zeros(6, np.float32)}
+  with pytest.raises(ValueError, match='bias on every projection or on none'):
+    parse_state_dict(sd, layout='llama')
+
+
+def test_missing_keys_suggest_a_prefix():
+  full = _in_a_model(_llama_sd())
+  with pytest.raises(ValueError, match=r"prefix='model\.layers\.\d+\.mlp\.'"):
+    parse_state_dict(full, layout='llama')
+
+
+def test_missing_keys_suggest_the_matching_layout():
+  with pytest.raises(ValueError, match="match layout 't5_gated'"):
+    parse_state_dict(REFERENCE['t5_gated']['sd'], layout='t5')
+
+
+def test_mismatched_gate_and_up_shapes():
+  sd = _llama_sd()
+  sd['up_proj.weight'] = np.zeros((6, 5), np.float32)
+  with pytest.raises(
+    ValueError,
+    match=r"'up_proj\.weight'\] has shape \(6, 5\); expected \(6, 4\)",
+  ):
+    parse_state_dict(sd, layout='llama')
+
+
+def test_down_proj_must_take_the_hidden_size():
+  sd = _llama_sd()
+  sd['down_proj.weight'] = np.zeros((4, 7), np.float32)
+  with pytest.raises(
+    ValueError,
+    match=r"'down_proj\.weight'\] has shape \(4, 7\); expected \(4, 6\)",
+  ):
+    parse_state_dict(sd, layout='llama')
+
+
+def test_conv1d_shape_error_is_in_stored_orientation():
+  sd = dict(REFERENCE['gpt2']['sd'])
+  sd['c_proj.weight'] = np.zeros((8, 16), np.float32)  # nn.Linear's (out, in)
+  with pytest.raises(
+    ValueError,
+    match=r"'c_proj\.weight'\] has shape \(8, 16\); expected \(16, 16\)",
+  ):
+    parse_state_dict(sd, layout='gpt2')
+
+
+def test_wrong_bias_shape():
+  sd = dict(REFERENCE['bert']['sd'])
+  sd['intermediate.dense.bias'] = np.zeros(8, np.float32)
+  with pytest.raises(
+    ValueError,
+    match=r"'intermediate\.dense\.bias'\] has shape \(8,\); expected \(12,\)",
+  ):
+    parse_state_dict(sd, layout='bert')
+
+
+def test_weight_must_be_a_matrix():
+  sd = _llama_sd()
+  sd['gate_proj.weight'] = np.zeros(24, np.float32)
+  with pytest.raises(ValueError, match=r"'gate_proj\.weight'\] must be a 2-D"):
+    parse_state_dict(sd, layout='llama')
+
+
+def test_phi3_fused_rows_must_be_even():
+  sd = {
+    'gate_up_proj.weight': np.zeros((5, 4), np.float32),
+    'down_proj.weight': np.zeros((4, 2), np.float32),
+  }
+  with pytest.raises(ValueError, match=r"'gate_up_proj\.weight'.*even"):
+    parse_state_dict(sd, layout='phi3')
+
+
+def test_integer_weights_raise():
+  sd = _llama_sd()
+  sd['down_proj.weight'] = np.zeros((4, 6), np.int32)
+  with pytest.raises(ValueError, match=r"'down_proj\.weight'.*floating point"):
+    parse_state_dict(sd, layout='llama')
+
+
+def test_unknown_activation_raises_value_error():
+  with pytest.raises(ValueError, match='unknown activation'):
+    parse_state_dict(_llama_sd(), layout='llama', activation='gelu_fancy')
+
+
+def test_state_dict_must_be_a_mapping():
+  with pytest.raises(TypeError, match='state_dict must be a mapping'):
+    parse_state_dict(list(_llama_sd().items()), layout='llama')  # type: ignore[arg-type]
+
+
+# --- tensors and dtypes -------------------------------------------------------
+
+
+def test_torch_like_tensors_are_converted_without_torch():
+  sd = _llama_sd()
+  fakes = {k: FakeTensor(v) for k, v in sd.items()}
+  ffn = parse_state_dict(fakes, layout='llama')
+  for key, fake in fakes.items():
+    assert fake.calls == ['detach', 'cpu', 'numpy'], key
+  np.testing.assert_array_equal(ffn.kernels['up_proj'], sd['up_proj.weight'].T)
+  assert 'torch' not in sys.modules
+
+
+def test_bfloat16_tensors_stay_bfloat16():
+  sd = _llama_sd()
+  bf16 = {k: v.astype(jnp.bfloat16) for k, v in sd.items()}
+  fakes = {
+    k: FakeTensor(v.astype(np.float32), dtype='torch.bfloat16')
+    for k, v in bf16.items()
+  }
+  ffn = parse_state_dict(fakes, layout='llama')
+  assert ffn.param_dtype == jnp.bfloat16
+  for name, kernel in ffn.kernels.items():
+    assert kernel.dtype == jnp.bfloat16
+    key = f'{name}.weight'
+    np.testing.assert_array_equal(kernel, bf16[key].T)
+
+
+def test_unrepresentable_dtype_without_counterpart_raises():
+  sd = {
+    k: FakeTensor(v, dtype='torch.bfloat16') for k, v in _llama_sd().items()
+  }
+  sd['up_proj.weight'].dtype = 'torch.qint8'
+  with pytest.raises(ValueError, match=r"'up_proj\.weight'.*'qint8'"):
+    parse_state_dict(sd, layout='llama')
+
+
+def test_dtype_is_kept_or_cast():
+  sd = _llama_sd(dtype=np.float16)
+  assert parse_state_dict(sd, layout='llama').param_dtype == np.float16
+  ffn = parse_state_dict(sd, layout='llama', param_dtype=jnp.bfloat16)
+  assert ffn.param_dtype == jnp.bfloat16
+  assert all(k.dtype == jnp.bfloat16 for k in ffn.kernels.values())
+
+
+def test_mixed_dtypes_promote():
+  sd = _llama_sd()
+  sd['up_proj.weight'] = sd['up_proj.weight'].astype(jnp.bfloat16)
+  ffn = parse_state_dict(sd, layout='llama')
+  assert ffn.param_dtype == np.float32
