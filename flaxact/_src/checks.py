@@ -58,7 +58,9 @@ def compute_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jnp.float32) if dtype in _HALF_DTYPES else dtype
 
 
-def apply_elementwise(core: Callable[..., Array], x: Any, *params: Any) -> Array:
+def apply_elementwise(
+  core: Callable[..., Array], x: Any, *params: Any
+) -> Array:
   """Applies a same-dtype kernel with checks and the compute-dtype rule.
 
   Validates ``x``, casts it (and any array-valued parameters) to

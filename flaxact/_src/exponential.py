@@ -20,12 +20,17 @@ SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
 
 
+def _nonpositive(x: Array) -> Array:
+  # Not jnp.minimum: its derivative at the tie x = 0 is 1/2.
+  return jnp.where(x > 0, jnp.zeros_like(x), x)
+
+
 def _elu(x: Array, alpha: Any) -> Array:
-  return jnp.where(x > 0, x, alpha * jnp.expm1(jnp.minimum(x, 0)))
+  return jnp.where(x > 0, x, alpha * jnp.expm1(_nonpositive(x)))
 
 
 def _celu(x: Array, alpha: Any) -> Array:
-  return jnp.where(x > 0, x, alpha * jnp.expm1(jnp.minimum(x, 0) / alpha))
+  return jnp.where(x > 0, x, alpha * jnp.expm1(_nonpositive(x) / alpha))
 
 
 def elu(x: Any, alpha: Any = 1.0) -> Array:

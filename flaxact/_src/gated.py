@@ -61,7 +61,9 @@ def _apply_gated(act, gate: Array, up: Array) -> Array:
 def _resolve(activation: str | Callable[[Array], Array]):
   if callable(activation):
     return activation
-  from flaxact._src.registry import get_activation  # noqa: PLC0415 (cycle)
+  from flaxact._src.registry import (
+    get_activation,
+  )  # import here: registry imports this module
 
   return get_activation(activation)
 

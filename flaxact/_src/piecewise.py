@@ -3,7 +3,8 @@
 At every kink the derivative is fixed and documented; it matches PyTorch's
 autograd, so gradients agree when a model is ported: ``relu'(0) = 0``,
 ``leaky_relu'(0) = negative_slope``, ``relu6'(0) = relu6'(6) = 0``,
-``hard_sigmoid'(±3) = 0``, ``hard_silu'(-3) = -1/2`` and ``hard_silu'(3) = 3/2``.
+``hard_sigmoid'(±3) = 0``, ``hard_silu'(-3) = -1/2`` and
+``hard_silu'(3) = 3/2``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxact._src.checks import apply_elementwise, as_float_array
+from flaxact._src.sigmoid import times_tail
 
 Array = jax.Array
 
@@ -43,7 +45,7 @@ def _relu6_jvp(primals, tangents):
 
 @jax.custom_jvp
 def _hard_silu(x: Array) -> Array:
-  return x * _relu6(x + 3) * (1 / 6)
+  return times_tail(x, _relu6(x + 3) * (1 / 6))
 
 
 @_hard_silu.defjvp

@@ -1,8 +1,8 @@
-"""The logistic family: sigmoid, tanh and softplus.
+r"""The logistic family: sigmoid, tanh and softplus.
 
 All three share one kernel, :func:`sigmoid_parts`, that computes
-:math:`\\sigma(x)` and :math:`\\sigma'(x)` from a single ``exp(-|x|)``. This
-form is accurate in both tails (no ``1 - \\sigma`` cancellation), never
+:math:`\sigma(x)` and :math:`\sigma'(x)` from a single ``exp(-|x|)``. This
+form is accurate in both tails (no ``1 - \sigma`` cancellation), never
 overflows, and makes the derivatives at ``±inf`` exactly 0.
 """
 
@@ -19,11 +19,11 @@ Array = jax.Array
 
 
 def sigmoid_parts(x: Array) -> tuple[Array, Array]:
-  """Returns ``(sigmoid(x), sigmoid'(x))`` from one exponential.
+  r"""Returns ``(sigmoid(x), sigmoid'(x))`` from one exponential.
 
-  With :math:`e = \\exp(-|x|)` and :math:`r = 1 / (1 + e)`:
-  :math:`\\sigma(x) = r` for :math:`x \\ge 0`, :math:`e r` otherwise, and
-  :math:`\\sigma'(x) = e r^2`.
+  With :math:`e = \exp(-|x|)` and :math:`r = 1 / (1 + e)`:
+  :math:`\sigma(x) = r` for :math:`x \ge 0`, :math:`e r` otherwise, and
+  :math:`\sigma'(x) = e r^2`.
   """
   e = jnp.exp(-jnp.abs(x))
   r = 1 / (1 + e)
@@ -128,7 +128,7 @@ def softplus(x: Any) -> Array:
   Examples:
     >>> import jax.numpy as jnp, flaxact
     >>> flaxact.softplus(jnp.array([0.0, 1e4], dtype=jnp.bfloat16))
-    Array([0.693359, 9984], dtype=bfloat16)
+    Array([0.691406, 9984], dtype=bfloat16)
 
   References:
     Dugas et al., "Incorporating Second-Order Functional Knowledge for Better

@@ -11,9 +11,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from flaxact._src.checks import apply_elementwise
-from flaxact._src.sigmoid import _sigmoid, sigmoid_parts, times_tail
+from flaxact._src.sigmoid import sigmoid_parts, times_tail
 
 Array = jax.Array
 
@@ -40,8 +41,34 @@ def _silu_jvp(primals, tangents):
 def _swish(x: Array, beta: Any) -> Array:
   if isinstance(beta, float) and beta == 1.0:
     return _silu(x)
-  s = _sigmoid(beta * x)
-  return jnp.where(jnp.isinf(x) & (s == 0), jnp.zeros_like(x), x * s)
+  return _swish_beta(x, jnp.asarray(beta, x.dtype))
+
+
+def _swish_parts(x: Array, beta: Array) -> tuple[Array, Array, Array]:
+  s, ds = sigmoid_parts(beta * x)
+  y = jnp.where(jnp.isinf(x) & (s == 0), jnp.zeros_like(x), x * s)
+  return y, s, ds
+
+
+@jax.custom_jvp
+def _swish_beta(x: Array, beta: Array) -> Array:
+  return _swish_parts(x, beta)[0]
+
+
+def _swish_beta_jvp(primals, tangents):
+  x, beta = primals
+  t_x, t_beta = tangents
+  y, s, ds = _swish_parts(x, beta)
+  xf = finite_or_zero(x)
+  dy = jnp.zeros_like(y)
+  if not isinstance(t_x, SymbolicZero):
+    dy = dy + (s + beta * xf * ds) * t_x
+  if not isinstance(t_beta, SymbolicZero):
+    dy = dy + (xf * xf * ds) * t_beta
+  return y, dy
+
+
+_swish_beta.defjvp(_swish_beta_jvp, symbolic_zeros=True)
 
 
 @jax.custom_jvp
