@@ -1,0 +1,87 @@
+"""Logical axis names of the FFN layers and rule sets that map them to a mesh.
+
+The layers annotate every parameter with logical axis names (the MaxText /
+T5X convention) and constrain their hidden activations to ``(..., 'mlp')``.
+A rule set maps each logical name to a mesh axis (or ``None``: replicated);
+activate one with ``flax.linen.logical_axis_rules`` (Linen) or
+``flax.nnx.logical_axis_rules`` (NNX, the same context) together with
+``jax.set_mesh(mesh)``. Outside such a context the annotations do nothing.
+
+- ``gate_proj``, ``up_proj``: kernel ``('embed', 'mlp')``, bias ``('mlp',)``;
+- ``gate_up_proj`` (fused): kernel ``('embed', None, 'mlp')``, bias
+  ``(None, 'mlp')``;
+- ``down_proj``: kernel ``('mlp', 'embed')``, bias ``('embed',)``.
+
+Rule sets, for a mesh with axes ``'data'`` and ``'model'``:
+
+- :data:`TENSOR_PARALLEL_RULES`: Megatron-style tensor parallelism. ``mlp``
+  is split over ``'model'``, so ``gate_proj`` and ``up_proj`` are
+  column-parallel and ``down_proj`` row-parallel: one all-reduce per FFN in
+  the forward pass. ``batch`` over ``'data'``, ``embed`` replicated.
+- :data:`FSDP_RULES`: fully sharded data parallelism (ZeRO-3). Parameters are
+  split along ``embed`` over ``'data'`` and gathered before use; ``batch``
+  over ``'data'``; ``mlp`` replicated.
+- :data:`FSDP_TENSOR_PARALLEL_RULES`: both at once (2-D sharding): ``embed``
+  and ``batch`` over ``'data'``, ``mlp`` over ``'model'``.
+
+``'batch'`` is not used by the layers themselves (they leave leading axes
+unconstrained) but by the surrounding model's input constraints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax.linen import spmd
+
+from flaxact._src.ffn_common import hidden_shape_names
+
+Array = jax.Array
+
+#: Logical name of the model width (the layer's input and output features).
+EMBED = 'embed'
+#: Logical name of the hidden width (``hidden_features``).
+MLP = 'mlp'
+#: Logical name of the batch axis of the surrounding model's activations.
+BATCH = 'batch'
+
+#: Kernel axes of ``gate_proj`` and ``up_proj``, stored ``(embed, mlp)``.
+IN_KERNEL_AXES = (EMBED, MLP)
+#: Bias axes of ``gate_proj`` and ``up_proj``.
+IN_BIAS_AXES = (MLP,)
+#: Kernel axes of the fused ``gate_up_proj``, stored ``(embed, 2, mlp)``.
+FUSED_KERNEL_AXES = (EMBED, None, MLP)
+#: Bias axes of the fused ``gate_up_proj``, ``(2, mlp)``.
+FUSED_BIAS_AXES = (None, MLP)
+#: Kernel axes of ``down_proj``, stored ``(mlp, embed)``.
+OUT_KERNEL_AXES = (MLP, EMBED)
+#: Bias axes of ``down_proj``.
+OUT_BIAS_AXES = (EMBED,)
+
+#: Tensor parallelism: ``mlp`` over ``'model'``, ``batch`` over ``'data'``.
+TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
+  (BATCH, 'data'),
+  (EMBED, None),
+  (MLP, 'model'),
+)
+#: FSDP (ZeRO-3): parameters split along ``embed`` over ``'data'``.
+FSDP_RULES: tuple[tuple[str, Any], ...] = (
+  (BATCH, 'data'),
+  (EMBED, 'data'),
+  (MLP, None),
+)
+#: 2-D: FSDP along ``embed`` over ``'data'`` and ``mlp`` over ``'model'``.
+FSDP_TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
+  (BATCH, 'data'),
+  (EMBED, 'data'),
+  (MLP, 'model'),
+)
+
+
+def constrain_hidden(h: Array) -> Array:
+  """Constrains a hidden-sized array to the logical axes ``(..., 'mlp')``.
+
+  A no-op unless logical axis rules and a mesh (``jax.set_mesh``) are active.
+  """
+  return spmd.with_logical_constraint(h, hidden_shape_names(h))

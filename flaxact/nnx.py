@@ -1,0 +1,40 @@
+"""Flax NNX layers: gated FFNs, the plain FFN and learnable activations.
+
+``SwiGLU``, ``GeGLU`` and ``ReGLU`` are :class:`GatedFFN` with ``silu``, the
+exact ``gelu`` and ``relu``. Layers are called as
+``layer(x)`` (``layer.eval()`` turns dropout off). The logical-axis rule sets
+(``TENSOR_PARALLEL_RULES``, ``FSDP_RULES``, ``FSDP_TENSOR_PARALLEL_RULES``)
+map the layers' parameter axis names onto a device mesh.
+"""
+
+from flaxact._src.ffn_common import CHECKPOINT_NAMES as CHECKPOINT_NAMES
+from flaxact._src.nnx_activations import PReLU as PReLU
+from flaxact._src.nnx_activations import Swish as Swish
+from flaxact._src.nnx_layers import FFN as FFN
+from flaxact._src.nnx_layers import GatedFFN as GatedFFN
+from flaxact._src.nnx_layers import GeGLU as GeGLU
+from flaxact._src.nnx_layers import ReGLU as ReGLU
+from flaxact._src.nnx_layers import SwiGLU as SwiGLU
+from flaxact._src.sharding import FSDP_RULES as FSDP_RULES
+from flaxact._src.sharding import (
+  FSDP_TENSOR_PARALLEL_RULES as FSDP_TENSOR_PARALLEL_RULES,
+)
+from flaxact._src.sharding import TENSOR_PARALLEL_RULES as TENSOR_PARALLEL_RULES
+
+# from_torch: re-exported here by the weight-import module (one line):
+# from flaxact._src.<module> import from_torch as from_torch
+
+__all__ = [
+  'CHECKPOINT_NAMES',
+  'FFN',
+  'FSDP_RULES',
+  'FSDP_TENSOR_PARALLEL_RULES',
+  'TENSOR_PARALLEL_RULES',
+  'GatedFFN',
+  'GeGLU',
+  'PReLU',
+  'ReGLU',
+  'SwiGLU',
+  'Swish',
+  # 'from_torch',  # added with the weight-import module
+]
