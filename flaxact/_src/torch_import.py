@@ -161,13 +161,38 @@ class TorchFFN:
     """Whether the FFN has biases."""
     return bool(self.biases)
 
-  def params(self) -> dict[str, dict[str, np.ndarray]]:
-    """The weights as a Flax-style tree ``{proj: {'kernel', 'bias'}}``."""
+  def params(
+    self, fused_gate_up: bool = False
+  ) -> dict[str, dict[str, np.ndarray]]:
+    """The weights as a Flax params tree ``{proj: {'kernel', 'bias'}}``.
+
+    Args:
+      fused_gate_up: for a gated FFN, stack the gate and up kernels into one
+        ``gate_up_proj`` kernel of shape ``(d, 2, h)`` (``[:, 0]`` the gate,
+        ``[:, 1]`` up) and their biases into ``(2, h)``, the layout of the
+        layers' ``fused_gate_up=True``.
+
+    Returns:
+      A nested dict of numpy arrays; no ``'bias'`` entries without biases.
+
+    Raises:
+      ValueError: if ``fused_gate_up`` is true for an FFN without a gate.
+    """
+    if fused_gate_up and not self.gated:
+      raise ValueError(
+        f'fused_gate_up=True needs a gated layout; {self.layout!r} has no'
+        ' gate projection.'
+      )
     tree: dict[str, dict[str, np.ndarray]] = {}
     for name, kernel in self.kernels.items():
       tree[name] = {'kernel': kernel}
       if name in self.biases:
         tree[name]['bias'] = self.biases[name]
+    if fused_gate_up:
+      gate, up = tree.pop(_GATE), tree.pop(_UP)
+      tree['gate_up_proj'] = {
+        k: np.stack([gate[k], up[k]], axis=-2) for k in gate
+      }
     return tree
 
 
@@ -281,6 +306,28 @@ def _check_shape(key: str, got: tuple[int, ...], want: tuple[int, ...], why):
   if got != want:
     raise ValueError(
       f'state_dict[{key!r}] has shape {got}; expected {want} {why}.'
+    )
+
+
+def check_layer_kwargs(
+  layer_kwargs: Mapping[str, Any], fixed: tuple[str, ...]
+) -> None:
+  """Raises ``TypeError`` for layer options that the state dict determines."""
+  clash = sorted(set(layer_kwargs) & set(fixed))
+  if clash:
+    raise TypeError(
+      f'from_torch sets {", ".join(clash)} from the state dict; do not pass'
+      ' them.'
+    )
+
+
+def check_activation(activation: Any, module_type: type) -> None:
+  """Rejects learnable activation modules, whose weights torch lacks."""
+  if isinstance(activation, module_type):
+    raise TypeError(
+      'from_torch: activation must be a registry name or a function; a'
+      f' {type(activation).__name__} module has parameters of its own that'
+      ' the state dict does not hold.'
     )
 
 
