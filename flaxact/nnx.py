@@ -15,14 +15,12 @@ from flaxact._src.nnx_layers import GatedFFN as GatedFFN
 from flaxact._src.nnx_layers import GeGLU as GeGLU
 from flaxact._src.nnx_layers import ReGLU as ReGLU
 from flaxact._src.nnx_layers import SwiGLU as SwiGLU
+from flaxact._src.nnx_torch import from_torch as from_torch
 from flaxact._src.sharding import FSDP_RULES as FSDP_RULES
 from flaxact._src.sharding import (
   FSDP_TENSOR_PARALLEL_RULES as FSDP_TENSOR_PARALLEL_RULES,
 )
 from flaxact._src.sharding import TENSOR_PARALLEL_RULES as TENSOR_PARALLEL_RULES
-
-# from_torch: re-exported here by the weight-import module (one line):
-# from flaxact._src.<module> import from_torch as from_torch
 
 __all__ = [
   'CHECKPOINT_NAMES',
@@ -36,5 +34,5 @@ __all__ = [
   'ReGLU',
   'SwiGLU',
   'Swish',
-  # 'from_torch',  # added with the weight-import module
+  'from_torch',
 ]
