@@ -1,9 +1,10 @@
 """Forward and forward+backward time of every activation, as ratios to relu.
 
-Each activation is timed on one large array, forward (``y = f(x)``) and
-forward+backward (``y, dx = f(x), vjp(f)(g)`` in one jitted call, the work an
-activation does in a training step), beside ``jax.nn``'s function of the same
-name where there is one. Every timing is the minimum over interleaved rounds,
+Each activation is timed on one large array in three modes: forward
+(``y = f(x)``), backward (``dx = vjp(f, x)(g)``, recomputing from the saved
+input as a backward pass does) and forward+backward (``y`` and ``dx`` in one
+jitted call), beside ``jax.nn``'s function of the same name where there is
+one. Every timing is the minimum over interleaved rounds,
 so machine noise hits all functions alike; the table reports ratios measured
 in this one run.
 
@@ -49,6 +50,9 @@ JAX_NN: dict[str, Callable | None] = {
 }
 
 
+MODES = ('fwd', 'bwd', 'fwd+bwd')
+
+
 def _forward(fn):
   return jax.jit(fn)
 
@@ -57,6 +61,13 @@ def _forward_backward(fn):
   def step(x, g):
     y, vjp = jax.vjp(fn, x)
     return y, vjp(g)[0]
+
+  return jax.jit(step)
+
+
+def _backward(fn):
+  def step(x, g):
+    return jax.vjp(fn, x)[1](g)[0]
 
   return jax.jit(step)
 
@@ -81,18 +92,19 @@ def run(size: int, dtypes, rounds: int, repeats: int) -> list[dict]:
     calls = {}
     for name, twin in JAX_NN.items():
       ours = getattr(flaxact, name)
-      calls[('flaxact', name, 'fwd')] = (_forward(ours), (x,))
-      calls[('flaxact', name, 'fwd+bwd')] = (_forward_backward(ours), (x, g))
-      if twin is not None:
-        calls[('jax.nn', name, 'fwd')] = (_forward(twin), (x,))
-        calls[('jax.nn', name, 'fwd+bwd')] = (_forward_backward(twin), (x, g))
+      for lib, fn in (('flaxact', ours), ('jax.nn', twin)):
+        if fn is None:
+          continue
+        calls[(lib, name, 'fwd')] = (_forward(fn), (x,))
+        calls[(lib, name, 'bwd')] = (_backward(fn), (x, g))
+        calls[(lib, name, 'fwd+bwd')] = (_forward_backward(fn), (x, g))
     best = dict.fromkeys(calls, float('inf'))
     for _ in range(rounds):  # interleaved: noise spreads over all entries
       for key, (call, args) in calls.items():
         best[key] = min(best[key], _time(call, args, repeats))
     for name, twin in JAX_NN.items():
       row = {'dtype': jnp.dtype(dtype).name, 'activation': name}
-      for mode in ('fwd', 'fwd+bwd'):
+      for mode in MODES:
         relu = best[('flaxact', 'relu', mode)]
         ours = best[('flaxact', name, mode)]
         row[f'{mode}_ms'] = ours * 1e3
@@ -110,42 +122,56 @@ def _fmt(value) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-  """Prints the rows as a markdown table."""
-  print(
-    '| dtype | activation | fwd ms | fwd / relu | jax.nn fwd / relu'
-    ' | fwd+bwd ms | fwd+bwd / relu | jax.nn fwd+bwd / relu'
-    ' | fwd+bwd / jax.nn |'
-  )
-  print('|' + '---|' * 9)
+  """Prints the rows as a markdown table: time ratios to relu."""
+  head = ['dtype', 'activation']
+  for mode in MODES:
+    head += [f'{mode} / relu', f'jax.nn {mode} / relu', f'{mode} / jax.nn']
+  print('| ' + ' | '.join(head) + ' |')
+  print('|' + '---|' * len(head))
   for r in rows:
-    print(
-      f"| {r['dtype']} | {r['activation']} | {r['fwd_ms']:.2f}"
-      f" | {_fmt(r['fwd_vs_relu'])} | {_fmt(r.get('fwd_jax_nn_vs_relu'))}"
-      f" | {r['fwd+bwd_ms']:.2f} | {_fmt(r['fwd+bwd_vs_relu'])}"
-      f" | {_fmt(r.get('fwd+bwd_jax_nn_vs_relu'))}"
-      f" | {_fmt(r.get('fwd+bwd_vs_jax_nn'))} |"
-    )
+    cells = [r['dtype'], r['activation']]
+    for mode in MODES:
+      cells += [
+        _fmt(r[f'{mode}_vs_relu']),
+        _fmt(r.get(f'{mode}_jax_nn_vs_relu')),
+        _fmt(r.get(f'{mode}_vs_jax_nn')),
+      ]
+    print('| ' + ' | '.join(cells) + ' |')
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--size', type=int, default=1 << 23,
-                      help='elements per array (default 2**23)')
-  parser.add_argument('--dtypes', default='float32,bfloat16',
-                      help='comma-separated dtypes (default float32,bfloat16)')
-  parser.add_argument('--rounds', type=int, default=5,
-                      help='interleaved rounds (default 5)')
-  parser.add_argument('--repeats', type=int, default=3,
-                      help='timed calls per entry and round (default 3)')
-  parser.add_argument('--json', metavar='PATH',
-                      help='also write the figures to this JSON file')
+  parser.add_argument(
+    '--size',
+    type=int,
+    default=1 << 23,
+    help='elements per array (default 2**23)',
+  )
+  parser.add_argument(
+    '--dtypes',
+    default='float32,bfloat16',
+    help='comma-separated dtypes (default float32,bfloat16)',
+  )
+  parser.add_argument(
+    '--rounds', type=int, default=5, help='interleaved rounds (default 5)'
+  )
+  parser.add_argument(
+    '--repeats',
+    type=int,
+    default=3,
+    help='timed calls per entry and round (default 3)',
+  )
+  parser.add_argument(
+    '--json', metavar='PATH', help='also write the figures to this JSON file'
+  )
   args = parser.parse_args(argv)
   dtypes = [jnp.dtype(d) for d in args.dtypes.split(',')]
   rows = run(args.size, dtypes, args.rounds, args.repeats)
+  cpu = platform.processor() or platform.machine()
   print(
     f'# {args.size} elements, min of {args.rounds} interleaved rounds x'
     f' {args.repeats} calls; jax {jax.__version__},'
-    f' {jax.devices()[0].platform}, {platform.processor() or platform.machine()}'
+    f' {jax.devices()[0].platform}, {cpu}'
   )
   print_table(rows)
   if args.json:
