@@ -1,0 +1,1 @@
+"""Benchmarks: speed and accuracy tables, run from the repository root."""
