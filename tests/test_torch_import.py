@@ -12,10 +12,13 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import special
 
 from flaxact import linen as fl
@@ -506,3 +509,159 @@ def test_fused_gate_up_matches_torch(name):
   nnx_layer = fx.from_torch(case['sd'], fused_gate_up=True, **_kwargs(case))
   assert nnx_layer.gate_proj is None and nnx_layer.up_proj is None
   np.testing.assert_array_equal(_nnx_apply(nnx_layer, case['x']), y)
+
+
+FRAMEWORKS = {
+  'linen': lambda sd, **kw: fl.from_torch(sd, **kw)[0],
+  'nnx': fx.from_torch,
+}
+
+
+@pytest.mark.parametrize(
+  'name, linen_cls, nnx_cls',
+  [
+    ('llama', fl.GatedFFN, fx.GatedFFN),
+    ('t5', fl.FFN, fx.FFN),
+    ('t5_gated', fl.GatedFFN, fx.GatedFFN),
+    ('gpt2', fl.FFN, fx.FFN),
+    ('bert', fl.FFN, fx.FFN),
+    ('phi3', fl.GatedFFN, fx.GatedFFN),
+  ],
+)
+def test_layer_classes_and_weights(name, linen_cls, nnx_cls):
+  case = REFERENCE[name]
+  ffn = parse_state_dict(case['sd'], layout=case['layout'])
+  layer, variables = fl.from_torch(case['sd'], layout=case['layout'])
+  assert type(layer) is linen_cls
+  assert layer.activation == ffn.activation
+  assert layer.use_bias is ffn.use_bias
+  assert layer.hidden_features == ffn.hidden_features
+  # The same tree as layer.init's, logical-axis boxes included.
+  init = layer.init(jax.random.key(0), jnp.asarray(case['x']))
+  assert jax.tree.structure(variables) == jax.tree.structure(init)
+  assert nn.get_partition_spec(variables) == nn.get_partition_spec(init)
+  chex.assert_trees_all_equal(nn.unbox(variables)['params'], ffn.params())
+  nnx_layer = fx.from_torch(case['sd'], layout=case['layout'])
+  assert type(nnx_layer) is nnx_cls
+  state = nnx.to_pure_dict(nnx.state(nnx_layer, nnx.Param))
+  chex.assert_trees_all_equal(state, ffn.params())
+
+
+def test_prefix_and_strict_reach_the_builders():
+  sd = REFERENCE['llama']['sd']
+  full = {f'model.layers.3.mlp.{k}': v for k, v in sd.items()}
+  full['model.layers.3.input_layernorm.weight'] = np.ones(8, np.float32)
+  x = REFERENCE['llama']['x']
+  layer, variables = fl.from_torch(
+    full, layout='llama', prefix='model.layers.3.mlp'
+  )
+  want = _linen_apply(*fl.from_torch(sd, layout='llama'), x)
+  np.testing.assert_array_equal(_linen_apply(layer, variables, x), want)
+  extra = {**sd, 'act.weight': np.ones(1, np.float32)}
+  with pytest.raises(ValueError, match=r"unexpected key.*'act\.weight'"):
+    fx.from_torch(extra, layout='llama')
+  nnx_layer = fx.from_torch(extra, layout='llama', strict=False)
+  np.testing.assert_array_equal(_nnx_apply(nnx_layer, x), want)
+
+
+@pytest.mark.parametrize('framework', sorted(FRAMEWORKS))
+def test_builder_errors_name_the_problem(framework):
+  build = FRAMEWORKS[framework]
+  sd = dict(REFERENCE['llama']['sd'])
+  with pytest.raises(ValueError, match="unknown layout 'gpt3'"):
+    build(sd, layout='gpt3')
+  with pytest.raises(ValueError, match=r"missing key.*'down_proj\.weight'"):
+    build(
+      {k: v for k, v in sd.items() if k != 'down_proj.weight'}, layout='llama'
+    )
+  bad = {**sd, 'up_proj.weight': np.zeros((13, 8), np.float32)}
+  with pytest.raises(
+    ValueError,
+    match=r"'up_proj\.weight'\] has shape \(13, 8\); expected \(12, 8\)",
+  ):
+    build(bad, layout='llama')
+  with pytest.raises(ValueError, match='fused_gate_up=True needs a gated'):
+    build(REFERENCE['t5']['sd'], layout='t5', fused_gate_up=True)
+  with pytest.raises(TypeError, match='sets hidden_features, use_bias'):
+    build(sd, layout='llama', use_bias=True, hidden_features=3)
+
+
+def test_learnable_activation_modules_are_rejected():
+  sd = REFERENCE['llama']['sd']
+  with pytest.raises(TypeError, match='PReLU module has parameters'):
+    fl.from_torch(sd, layout='llama', activation=fl.PReLU())
+  with pytest.raises(TypeError, match='PReLU module has parameters'):
+    fx.from_torch(sd, layout='llama', activation=fx.PReLU())
+
+
+def test_layer_options_are_passed_on():
+  case = REFERENCE['t5_gated']
+  x = jnp.asarray(case['x'])
+  layer, variables = fl.from_torch(
+    case['sd'], layout='t5_gated', dtype=jnp.bfloat16
+  )
+  assert layer.apply(variables, x).dtype == jnp.bfloat16
+  nnx_layer = fx.from_torch(
+    case['sd'], layout='t5_gated', remat=False, dtype=jnp.bfloat16
+  )
+  assert nnx_layer.remat is False
+  assert nnx_layer(x).dtype == jnp.bfloat16
+
+
+def test_dropout_in_linen():
+  case = REFERENCE['gpt2']
+  x = jnp.asarray(case['x'])
+  layer, variables = fl.from_torch(case['sd'], layout='gpt2', dropout_rate=0.5)
+  y_eval = layer.apply(variables, x, deterministic=True)
+  np.testing.assert_allclose(y_eval, case['y'], **helpers.tol(jnp.float32))
+  y_train = layer.apply(
+    variables, x, deterministic=False, rngs={'dropout': jax.random.key(1)}
+  )
+  assert not np.allclose(y_train, y_eval)
+
+
+def test_dropout_in_nnx_uses_the_given_rngs():
+  case = REFERENCE['gpt2']
+  x = jnp.asarray(case['x'])
+  layer = fx.from_torch(
+    case['sd'],
+    layout='gpt2',
+    dropout_rate=0.5,
+    rngs=nnx.Rngs(params=0, dropout=1),
+  )
+  y_train = layer(x)
+  with jax.default_matmul_precision('highest'):
+    y_eval = layer(x, deterministic=True)
+  np.testing.assert_allclose(y_eval, case['y'], **helpers.tol(jnp.float32))
+  assert not np.allclose(y_train, y_eval)
+  # Without rngs there is no dropout stream: training mode says so.
+  no_rngs = fx.from_torch(case['sd'], layout='gpt2', dropout_rate=0.5)
+  with pytest.raises(ValueError, match='needs an rng'):
+    no_rngs(x)
+
+
+def test_bfloat16_checkpoint_gives_bfloat16_layers():
+  case = REFERENCE['llama']
+  fakes = {
+    k: FakeTensor(v.astype(jnp.bfloat16).astype(np.float32), 'torch.bfloat16')
+    for k, v in case['sd'].items()
+  }
+  x = jnp.asarray(case['x'], jnp.bfloat16)
+  layer, variables = fl.from_torch(fakes, layout='llama')
+  for leaf in jax.tree.leaves(nn.unbox(variables)):
+    assert leaf.dtype == jnp.bfloat16
+  y = layer.apply(variables, x)
+  assert y.dtype == jnp.bfloat16
+  # bf16 weights and input against the float32 torch output.
+  np.testing.assert_allclose(
+    np.asarray(y, np.float32), case['y'], rtol=5e-2, atol=5e-2
+  )
+  nnx_layer = fx.from_torch(fakes, layout='llama')
+  assert nnx_layer.down_proj.kernel[...].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(nnx_layer(x), y)
+  f32_layer = fx.from_torch(fakes, layout='llama', param_dtype=jnp.float32)
+  assert f32_layer.down_proj.kernel[...].dtype == jnp.float32
+
+
+def test_builders_do_not_import_torch():
+  assert 'torch' not in sys.modules
