@@ -7,13 +7,14 @@ import io
 
 import jax
 import jax.extend
+from jax.ad_checkpoint import print_saved_residuals
 
 
 def saved_residuals(f, *args) -> list[str]:
   """The lines of ``jax.ad_checkpoint.print_saved_residuals(f, *args)``."""
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf):
-    jax.ad_checkpoint.print_saved_residuals(f, *args)
+    print_saved_residuals(f, *args)
   return buf.getvalue().splitlines()
 
 
