@@ -339,7 +339,8 @@ def test_down_proj_must_take_the_hidden_size():
   sd['down_proj.weight'] = np.zeros((4, 7), np.float32)
   with pytest.raises(
     ValueError,
-    match=r"'down_proj\.weight'\] has shape \(4, 7\); expected \(4, 6\)",
+    match=r"'down_proj\.weight'\] has shape \(4, 7\); expected"
+    r' \(out_features, 6\): its input size must equal the hidden size 6',
   ):
     parse_state_dict(sd, layout='llama')
 
@@ -349,7 +350,9 @@ def test_conv1d_shape_error_is_in_stored_orientation():
   sd['c_proj.weight'] = np.zeros((8, 16), np.float32)  # nn.Linear's (out, in)
   with pytest.raises(
     ValueError,
-    match=r"'c_proj\.weight'\] has shape \(8, 16\); expected \(16, 16\)",
+    match=r"'c_proj\.weight'\] has shape \(8, 16\); expected"
+    r" \(16, out_features\).*looks transposed: layout 'gpt2' stores it"
+    r' \(in, out\) as Conv1D',
   ):
     parse_state_dict(sd, layout='gpt2')
 

@@ -468,14 +468,17 @@ def parse_state_dict(
   down_raw = _matrix(arrays, down.weight, shown(down.weight))
   down_in_axis = 1 if down.transposed else 0
   if down_raw.shape[down_in_axis] != hidden:
-    want = list(down_raw.shape)
-    want[down_in_axis] = hidden
-    _check_shape(
-      shown(down.weight),
-      down_raw.shape,
-      tuple(want),
-      f'(its input size must equal the hidden size {hidden} of'
-      f' {shown(first)!r})',
+    if down.transposed:
+      want, stored = f'(out_features, {hidden})', '(out, in) as torch.nn.Linear'
+    else:
+      want, stored = f'({hidden}, out_features)', '(in, out) as Conv1D'
+    hint = ''
+    if down_raw.shape[1 - down_in_axis] == hidden:
+      hint = f' It looks transposed: layout {name!r} stores it {stored}.'
+    raise ValueError(
+      f'state_dict[{shown(down.weight)!r}] has shape {down_raw.shape};'
+      f' expected {want}: its input size must equal the hidden size'
+      f' {hidden} of {shown(first)!r}.{hint}'
     )
   kernels[_DOWN] = read(down)
   out_features = kernels[_DOWN].shape[1]
