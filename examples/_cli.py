@@ -20,6 +20,10 @@ class UsageError(Exception):
   """A bad argument or input, reported as one line without a traceback."""
 
 
+class CheckFailed(Exception):
+  """A result that failed its own check (exit status 1, one line)."""
+
+
 class Parser(argparse.ArgumentParser):
   """An ``ArgumentParser`` whose errors are a single line on stderr."""
 
@@ -36,6 +40,17 @@ def positive_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
   if value < 1:
     raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+  return value
+
+
+def nonnegative_int(text: str) -> int:
+  """An ``argparse`` type: an integer of at least 0."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'must be at least 0, got {value}')
   return value
 
 
@@ -57,6 +72,9 @@ def run_main(prog: str, main, argv: Sequence[str] | None = None) -> int:
   except UsageError as e:
     print(f'{prog}: error: {e}', file=sys.stderr)
     return 2
+  except CheckFailed as e:
+    print(f'{prog}: check failed: {e}', file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print(f'{prog}: interrupted', file=sys.stderr)
     return 130
