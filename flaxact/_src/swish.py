@@ -172,8 +172,8 @@ def quick_gelu(x: Any) -> Array:
 
   Examples:
     >>> import jax.numpy as jnp, flaxact
-    >>> flaxact.quick_gelu(jnp.array([0.0, 10.0]))
-    Array([ 0., 10.], dtype=float32)
+    >>> flaxact.quick_gelu(jnp.array([0.0, 20.0]))
+    Array([ 0., 20.], dtype=float32)
 
   References:
     Hendrycks & Gimpel, "Gaussian Error Linear Units (GELUs)", 2016, section 2.
