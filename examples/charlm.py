@@ -344,7 +344,7 @@ class CharLM(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Logits ``(batch, time, vocab)`` for ids ``(batch, time)``."""
-    x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[-1]))
+    x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[-1]))[None]
     for block in self.blocks:
       x = block(x)
     return self.head(self.norm(x))

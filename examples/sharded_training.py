@@ -205,11 +205,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
   )
   specs = {
-    '/'.join(str(k) for k in path): str(spec)
+    jax.tree_util.keystr(path, simple=True, separator='/'): str(spec)
     for path, spec in jax.tree_util.tree_leaves_with_path(
       placed['specs'], is_leaf=lambda x: isinstance(x, P)
     )
   }
+  print('\nparameter layouts (blocks 1+ as block 0):\n')
+  print(
+    _cli.format_table(
+      ['parameter', 'mesh axes'],
+      [
+        (k.removesuffix('/value'), v)
+        for k, v in specs.items()
+        if not k.startswith('blocks/') or k.startswith('blocks/0/')
+      ],
+    )
+  )
   a = np.array(sharded['train_loss_per_step'])
   b = np.array(single['train_loss_per_step'])
   rel = np.abs(a - b) / np.abs(b)
