@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     default=','.join(ACTIVATIONS),
     help='comma-separated flaxact activation names to compare',
   )
-  p.add_argument('--seeds', type=_cli.positive_int, default=5)
+  p.add_argument('--seeds', type=_cli.positive_int, default=10)
   p.add_argument('--epochs', type=_cli.positive_int, default=50)
   p.add_argument(
     '--depth', type=_cli.positive_int, default=8, help='number of hidden layers'
