@@ -40,10 +40,17 @@ RULE_SETS = {
   'fsdp': fnnx.FSDP_RULES,
   'fsdp_tp': fnnx.FSDP_TENSOR_PARALLEL_RULES,
 }
-#: The model's own logical axes, beyond the FFN's ``embed`` and ``mlp``:
-#: attention heads split like the FFN's hidden width (Megatron), the small
-#: character vocabulary replicated.
-EXTRA_RULES = (('heads', 'model'), ('vocab', None))
+
+
+def model_rules(name: str) -> tuple[tuple[str, str | None], ...]:
+  """The rule set ``name`` of flaxact plus rules for this model's axes.
+
+  Attention heads are split like the FFN's hidden width (Megatron: over
+  ``'model'`` when ``mlp`` is); the small character vocabulary is
+  replicated.
+  """
+  rules = tuple(RULE_SETS[name])
+  return (*rules, ('heads', dict(rules)['mlp']), ('vocab', None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     metavar='DATAxMODEL',
     help='mesh shape, e.g. 4x2 (default: model 2 when the device count is'
-    ' even, data the rest)',
+    ' even and the rules split mlp, data the rest)',
   )
   p.add_argument('--seed', type=int, default=0)
   p.add_argument(
@@ -89,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def mesh_shape(spec: str | None, n: int) -> tuple[int, int]:
+def mesh_shape(spec: str | None, n: int, rules: str) -> tuple[int, int]:
   """``(data, model)`` from ``'DxM'``, or a default for ``n`` devices."""
   if spec is None:
-    model = 2 if n % 2 == 0 else 1
+    model = 2 if n % 2 == 0 and rules != 'fsdp' else 1
     return n // model, model
   try:
     data, model = (int(v) for v in spec.lower().split('x'))
@@ -139,7 +146,7 @@ def bytes_per_device(tree) -> dict[str, int]:
 def main(argv: Sequence[str] | None = None) -> None:
   args = build_parser().parse_args(argv)
   devices = jax.devices()
-  data, model = mesh_shape(args.mesh, len(devices))
+  data, model = mesh_shape(args.mesh, len(devices), args.rules)
   check_divisible(args, data, model)
   corpus = charlm.load_corpus(args.text, seq_len=args.seq_len)
   model_cfg, train_cfg = charlm.configs_from_args(args, corpus)
@@ -151,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     (AxisType.Auto, AxisType.Auto),
     devices=devices[: data * model],
   )
-  rules = tuple(RULE_SETS[args.rules]) + EXTRA_RULES
+  rules = model_rules(args.rules)
   print(
     f'{len(devices)} {devices[0].platform} device(s); mesh data={data} x'
     f' model={model}; rules {args.rules}: {dict(rules)}'
