@@ -32,6 +32,15 @@ class Parser(argparse.ArgumentParser):
     self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults in ``--help``, except unset (``None``) and flags."""
+
+  def _get_help_string(self, action):
+    if action.default is None or action.default is False:
+      return action.help
+    return super()._get_help_string(action)
+
+
 def positive_int(text: str) -> int:
   """An ``argparse`` type: an integer of at least 1."""
   try:

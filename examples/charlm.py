@@ -586,7 +586,8 @@ def add_arguments(p: argparse.ArgumentParser, *, steps: int) -> None:
     '--text',
     metavar='PATH',
     default=None,
-    help='UTF-8 text file to train on (default: built-in stdlib corpus)',
+    help='UTF-8 text file to train on (default: the built-in corpus of'
+    ' standard-library source)',
   )
   p.add_argument(
     '--steps',
@@ -594,11 +595,27 @@ def add_arguments(p: argparse.ArgumentParser, *, steps: int) -> None:
     default=steps,
     help='training steps per run',
   )
-  p.add_argument('--d-model', type=_cli.positive_int, default=128)
-  p.add_argument('--layers', type=_cli.positive_int, default=2)
-  p.add_argument('--heads', type=_cli.positive_int, default=4)
-  p.add_argument('--seq-len', type=_cli.positive_int, default=128)
-  p.add_argument('--batch-size', type=_cli.positive_int, default=16)
+  p.add_argument(
+    '--d-model', type=_cli.positive_int, default=128, help='model width'
+  )
+  p.add_argument(
+    '--layers', type=_cli.positive_int, default=2, help='transformer blocks'
+  )
+  p.add_argument(
+    '--heads', type=_cli.positive_int, default=4, help='attention heads'
+  )
+  p.add_argument(
+    '--seq-len',
+    type=_cli.positive_int,
+    default=128,
+    help='context length in characters',
+  )
+  p.add_argument(
+    '--batch-size',
+    type=_cli.positive_int,
+    default=16,
+    help='sequences per step',
+  )
   p.add_argument(
     '--lr',
     type=_cli.nonnegative_float,
@@ -611,7 +628,12 @@ def add_arguments(p: argparse.ArgumentParser, *, steps: int) -> None:
     default=50,
     help='linear warmup steps, then cosine decay to lr/10',
   )
-  p.add_argument('--weight-decay', type=_cli.nonnegative_float, default=0.1)
+  p.add_argument(
+    '--weight-decay',
+    type=_cli.nonnegative_float,
+    default=0.1,
+    help='AdamW weight decay (matrices only)',
+  )
   p.add_argument(
     '--eval-every',
     type=_cli.positive_int,

@@ -46,23 +46,43 @@ def build_parser() -> argparse.ArgumentParser:
       'Median test error of an 8-layer, 128-wide MLP with GELU, ReLU and ELU'
       " on scikit-learn's handwritten digits (load_digits; no download),"
       ' trained with Adam over several seeds. The train/test split is fixed'
-      ' (stratified, 30%% test, split seed 0); the seeds change the'
+      ' (stratified, 30% test, split seed 0); the seeds change the'
       ' initialisation and the batch order.'
     ),
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=_cli.HelpFormatter,
   )
   p.add_argument(
     '--activations',
     default=','.join(ACTIVATIONS),
     help='comma-separated flaxact activation names to compare',
   )
-  p.add_argument('--seeds', type=_cli.positive_int, default=10)
-  p.add_argument('--epochs', type=_cli.positive_int, default=50)
+  p.add_argument(
+    '--seeds',
+    type=_cli.positive_int,
+    default=10,
+    help='runs per activation (seeds 0..K-1)',
+  )
+  p.add_argument(
+    '--epochs',
+    type=_cli.positive_int,
+    default=50,
+    help='passes over the training digits',
+  )
   p.add_argument(
     '--depth', type=_cli.positive_int, default=8, help='number of hidden layers'
   )
-  p.add_argument('--width', type=_cli.positive_int, default=128)
-  p.add_argument('--batch-size', type=_cli.positive_int, default=128)
+  p.add_argument(
+    '--width',
+    type=_cli.positive_int,
+    default=128,
+    help='units per hidden layer',
+  )
+  p.add_argument(
+    '--batch-size',
+    type=_cli.positive_int,
+    default=128,
+    help='examples per Adam step',
+  )
   p.add_argument(
     '--lr', type=_cli.nonnegative_float, default=1e-3, help='Adam learning rate'
   )

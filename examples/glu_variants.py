@@ -41,9 +41,9 @@ PAPER_LOG_PPL = {
   'swish': 1.994,
   'glu': 1.982,
   'bilinear': 1.960,
+  'reglu': 1.953,
   'geglu': 1.942,
   'swiglu': 1.944,
-  'reglu': 1.953,
 }
 VARIANT_NAMES = tuple(PAPER_LOG_PPL)
 
@@ -56,13 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
       ' Shazeer (2020) -- ReLU, GELU, Swish, GLU, Bilinear, ReGLU, GeGLU,'
       ' SwiGLU -- with the gated hidden width cut to 2/3 so parameters match;'
       ' print a table, write results.json and val_curves.png. Data: the'
-      ' first 90%% of --text trains, the last 10%% validates. Without'
+      ' first 90% of --text trains, the last 10% validates. Without'
       ' --text, the built-in corpus is the source code of 30 standard-'
-      'library modules of the running Python (argparse.py, ast.py, ...,'
-      ' urllib/parse.py; about 1.6 MB, no download; listed in charlm.py).'
-      ' The default run takes about 8 minutes on 2 CPU cores.'
+      'library modules of the running Python, read from its Lib directory'
+      ' (argparse.py, ast.py, ..., urllib/parse.py: STDLIB_MODULES in'
+      ' examples/charlm.py; about 1.6 MB; no download). The default run, 8'
+      ' variants x 800 steps, is sized to finish within 10 minutes on 2 CPU'
+      ' cores; --steps, --variants and --seeds shorten or extend it.'
     ),
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=_cli.HelpFormatter,
   )
   charlm.add_arguments(p, steps=800)
   p.add_argument(

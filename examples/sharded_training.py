@@ -64,10 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
       ' source; see glu_variants.py --help). On a CPU-only machine, simulate'
       ' devices with XLA_FLAGS=--xla_force_host_platform_device_count=8.'
     ),
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=_cli.HelpFormatter,
   )
   charlm.add_arguments(p, steps=100)
-  p.add_argument('--variant', default='swiglu', choices=list(charlm.VARIANTS))
+  p.add_argument(
+    '--variant',
+    default='swiglu',
+    choices=list(charlm.VARIANTS),
+    help='the FFN variant to train',
+  )
   p.add_argument(
     '--rules',
     default='fsdp_tp',
@@ -81,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     help='mesh shape, e.g. 4x2 (default: model 2 when the device count is'
     ' even and the rules split mlp, data the rest)',
   )
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument(
+    '--seed', type=int, default=0, help='initial weights and batch order'
+  )
   p.add_argument(
     '--rtol',
     type=_cli.nonnegative_float,
