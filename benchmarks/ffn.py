@@ -1,0 +1,367 @@
+"""Train-step time and compiled temp memory of flaxact's SwiGLU.
+
+Compares, in one run and per dtype, flaxact's ``SwiGLU`` against
+
+- the same FFN hand-written with three ``nn.Dense`` / ``nnx.Linear`` and
+  ``silu`` (plain autodiff),
+- the layer's nine matmuls alone (3 forward, 6 backward: the compute bound),
+- PyTorch eager with the same shapes (when a Python with torch is given with
+  ``--torch-python``, or torch is importable here; skipped otherwise),
+
+for a single layer and for an 8-layer ``nn.scan`` / ``nnx.scan`` stack with
+residual connections. A train step is ``jax.grad`` of ``mean(y**2)`` with
+respect to the parameters and the input. Times are the minimum over
+``--repeats`` interleaved runs (the machine is shared and noisy); memory is
+``compiled.memory_analysis().temp_size_in_bytes``, which is deterministic.
+
+Usage::
+
+  python benchmarks/ffn.py                       # the issue's sizes
+  python benchmarks/ffn.py --quick               # a small smoke run
+  python benchmarks/ffn.py --json out.json --torch-python /tmp/tv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+GOALS = {
+  'stack_memory': 0.45,  # flaxact / hand-written, 8-layer stack, at most
+  'stack_time': 0.75,  # flaxact / hand-written, 8-layer stack, at most
+  'single_vs_matmul': 1.10,  # flaxact / nine matmuls, single layer, at most
+  'torch_speedup': 1.5,  # torch eager / flaxact, single layer, at least
+}
+
+
+def _args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--tokens', type=int, default=4096)
+  p.add_argument('--embed', type=int, default=1024)
+  p.add_argument('--hidden', type=int, default=2816)
+  p.add_argument('--layers', type=int, default=8)
+  p.add_argument('--dtypes', default='float32,bfloat16')
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument(
+    '--quick', action='store_true', help='T=256, d=128, h=352, 2 repeats'
+  )
+  p.add_argument('--json', help='write all figures to this path')
+  p.add_argument(
+    '--torch-python',
+    help='a Python interpreter with torch installed, for the eager column',
+  )
+  p.add_argument('--no-torch', action='store_true')
+  p.add_argument('--torch-worker', action='store_true', help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  if a.quick:
+    a.tokens, a.embed, a.hidden, a.repeats = 256, 128, 352, 2
+  return a
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------
+# PyTorch eager (runs in a worker process, so this file never needs torch)
+# ---------------------------------------------------------------------------
+
+
+def torch_worker(a: argparse.Namespace) -> dict[str, float]:
+  """Times one eager train step per dtype after one warm-up step."""
+  import torch
+  import torch.nn.functional as F
+
+  torch.manual_seed(0)
+  out = {}
+  for name in a.dtypes.split(','):
+    dtype = getattr(torch, name)
+    T, d, h = a.tokens, a.embed, a.hidden
+    x = torch.randn(T, d, dtype=dtype, requires_grad=True)
+    ws = [
+      (torch.randn(h, d) / d**0.5).to(dtype).requires_grad_(),
+      (torch.randn(h, d) / d**0.5).to(dtype).requires_grad_(),
+      (torch.randn(d, h) / h**0.5).to(dtype).requires_grad_(),
+    ]
+
+    def step(x=x, ws=ws):
+      for t in (x, *ws):
+        t.grad = None
+      wg, wu, wd = ws
+      y = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+      (y.float() ** 2).mean().backward()
+
+    step()
+    out[name] = _timed(step)
+  return out
+
+
+def _torch_times(a: argparse.Namespace) -> dict[str, float] | None:
+  if a.no_torch:
+    return None
+  argv = [
+    '--torch-worker',
+    f'--tokens={a.tokens}',
+    f'--embed={a.embed}',
+    f'--hidden={a.hidden}',
+    f'--dtypes={a.dtypes}',
+  ]
+  python = a.torch_python
+  if python is None:
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      return None
+    python = sys.executable
+  result = subprocess.run(
+    [python, __file__, *argv], capture_output=True, text=True, check=True
+  )
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# JAX
+# ---------------------------------------------------------------------------
+
+
+def build(a: argparse.Namespace, dtype_name: str) -> dict[str, Any]:
+  """Compiles every JAX case; returns {case: (step, args, temp bytes)}."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from flaxact import linen as fl
+  from flaxact import nnx as fx
+
+  T, d, h, L = a.tokens, a.embed, a.hidden, a.layers
+  dtype = jnp.dtype(dtype_name)
+  x = jax.random.normal(jax.random.key(0), (T, d)).astype(dtype)
+
+  class HandLinen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      dense = dict(use_bias=False, dtype=x.dtype)
+      g = nn.Dense(h, name='gate_proj', **dense)(x)
+      u = nn.Dense(h, name='up_proj', **dense)(x)
+      return nn.Dense(d, name='down_proj', **dense)(nn.silu(g) * u)
+
+  class HandNNX(nnx.Module):
+    def __init__(self, rngs):
+      kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
+      self.gate_proj = nnx.Linear(d, h, **kw)
+      self.up_proj = nnx.Linear(d, h, **kw)
+      self.down_proj = nnx.Linear(h, d, **kw)
+
+    def __call__(self, x):
+      return self.down_proj(nnx.silu(self.gate_proj(x)) * self.up_proj(x))
+
+  class Block(nn.Module):
+    ours: bool
+
+    @nn.compact
+    def __call__(self, x, _):
+      return x + (fl.SwiGLU(h) if self.ours else HandLinen())(x), None
+
+  def loss_of(apply):
+    def loss(p, x):
+      return jnp.mean(apply(p, x).astype(jnp.float32) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+  def linen_case(module, extra=()):
+    v = nn.unbox(module.init(jax.random.key(0), x, *extra))['params']
+    step = loss_of(lambda p, x: _first(module.apply({'params': p}, x, *extra)))
+    return step, (v, x)
+
+  def nnx_stack_case(ours):
+    meta = {nnx.PARTITION_NAME: 'layers'}
+
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=meta)
+    def create(rngs):
+      return fx.SwiGLU(d, h, rngs=rngs) if ours else HandNNX(rngs)
+
+    graphdef, state = nnx.split(create(nnx.Rngs(0)))
+
+    def apply(state, x):
+      @nnx.scan(
+        in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=meta
+      )
+      def forward(x, layer):
+        return x + layer(x)
+
+      return forward(x, nnx.merge(graphdef, state))
+
+    return loss_of(apply), (state, x)
+
+  def nine_matmuls():
+    ks = jax.random.split(jax.random.key(1), 7)
+    wg, wu = (jax.random.normal(k, (d, h), dtype) for k in ks[:2])
+    wd = jax.random.normal(ks[2], (h, d), dtype)
+    hid, dg, du = (jax.random.normal(k, (T, h), dtype) for k in ks[3:6])
+    dy = jax.random.normal(ks[6], (T, d), dtype)
+
+    @jax.jit
+    def f(x, wg, wu, wd, hid, dy, dg, du):
+      return (
+        x @ wg,  # forward: gate
+        x @ wu,  # forward: up
+        hid @ wd,  # forward: down
+        dy @ wd.T,  # backward: d hidden
+        hid.T @ dy,  # backward: d down kernel
+        x.T @ dg,  # backward: d gate kernel
+        x.T @ du,  # backward: d up kernel
+        dg @ wg.T + du @ wu.T,  # backward: d x (two matmuls)
+      )
+
+    return f, (x, wg, wu, wd, hid, dy, dg, du)
+
+  stack = lambda ours: nn.scan(
+    Block,
+    variable_axes={'params': 0},
+    split_rngs={'params': True},
+    length=L,
+    metadata_params={nn.PARTITION_NAME: 'layers'},
+  )(ours)
+  cases = {
+    'single_ours': linen_case(fl.SwiGLU(h)),
+    'single_hand': linen_case(HandLinen()),
+    'single_matmuls': nine_matmuls(),
+    'linen_stack_ours': linen_case(stack(True), (None,)),
+    'linen_stack_hand': linen_case(stack(False), (None,)),
+    'nnx_stack_ours': nnx_stack_case(True),
+    'nnx_stack_hand': nnx_stack_case(False),
+  }
+  built = {}
+  for name, (step, args) in cases.items():
+    compiled = step.lower(*args).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(compiled(*args))  # warm-up
+    built[name] = (compiled, args, temp)
+  return built
+
+
+def _first(y):
+  return y[0] if isinstance(y, tuple) else y
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+  """Measures everything; returns the figures."""
+  import jax
+
+  dtypes = a.dtypes.split(',')
+  built = {dt: build(a, dt) for dt in dtypes}
+  times: dict[str, dict[str, float]] = {
+    dt: dict.fromkeys(built[dt], float('inf')) for dt in dtypes
+  }
+  torch_times: dict[str, float] | None = None
+  for _ in range(a.repeats):
+    for dt in dtypes:
+      for name, (compiled, args, _) in built[dt].items():
+        t = _timed(lambda c=compiled, a=args: jax.block_until_ready(c(*a)))
+        times[dt][name] = min(times[dt][name], t)
+    tt = _torch_times(a)
+    if tt is not None:
+      torch_times = {
+        k: min(v, (torch_times or {}).get(k, float('inf')))
+        for k, v in tt.items()
+      }
+  figures: dict[str, Any] = {
+    'config': {
+      'tokens': a.tokens,
+      'embed': a.embed,
+      'hidden': a.hidden,
+      'layers': a.layers,
+      'repeats': a.repeats,
+      'jax': jax.__version__,
+      'devices': str(jax.devices()),
+    },
+    'goals': GOALS,
+  }
+  for dt in dtypes:
+    t = times[dt]
+    mem = {name: built[dt][name][2] for name in built[dt]}
+    r = {
+      'time_s': t,
+      'temp_bytes': mem,
+      'single_time_vs_hand': t['single_ours'] / t['single_hand'],
+      'single_vs_matmul': t['single_ours'] / t['single_matmuls'],
+      'single_memory_vs_hand': mem['single_ours'] / mem['single_hand'],
+      'linen_stack_time': t['linen_stack_ours'] / t['linen_stack_hand'],
+      'linen_stack_memory': mem['linen_stack_ours'] / mem['linen_stack_hand'],
+      'nnx_stack_time': t['nnx_stack_ours'] / t['nnx_stack_hand'],
+      'nnx_stack_memory': mem['nnx_stack_ours'] / mem['nnx_stack_hand'],
+    }
+    if torch_times is not None and dt in torch_times:
+      r['torch_eager_s'] = torch_times[dt]
+      r['torch_speedup'] = torch_times[dt] / t['single_ours']
+    figures[dt] = r
+  return figures
+
+
+def table(f: dict[str, Any]) -> str:
+  """A Markdown table of the figures."""
+  c = f['config']
+  lines = [
+    f'T={c["tokens"]} tokens, d={c["embed"]}, hidden={c["hidden"]},'
+    f' {c["layers"]}-layer stacks; min of {c["repeats"]} interleaved runs.',
+    '',
+    '| dtype | measure | flaxact | baseline | ratio | goal |',
+    '|---|---|---|---|---|---|',
+  ]
+  mib = 2.0**20
+  for dt, r in f.items():
+    if dt in ('config', 'goals'):
+      continue
+    t, m = r['time_s'], r['temp_bytes']
+    rows = [
+      ('single layer time vs hand-written', t['single_ours'],
+       t['single_hand'], r['single_time_vs_hand'], '', 's'),
+      ('single layer time vs 9 matmuls', t['single_ours'],
+       t['single_matmuls'], r['single_vs_matmul'], '<= 1.10', 's'),
+      ('single layer temp memory', m['single_ours'] / mib,
+       m['single_hand'] / mib, r['single_memory_vs_hand'], '', 'MiB'),
+      ('8-layer nn.scan time', t['linen_stack_ours'], t['linen_stack_hand'],
+       r['linen_stack_time'], '<= 0.75', 's'),
+      ('8-layer nn.scan temp memory', m['linen_stack_ours'] / mib,
+       m['linen_stack_hand'] / mib, r['linen_stack_memory'], '<= 0.45', 'MiB'),
+      ('8-layer nnx.scan time', t['nnx_stack_ours'], t['nnx_stack_hand'],
+       r['nnx_stack_time'], '<= 0.75', 's'),
+      ('8-layer nnx.scan temp memory', m['nnx_stack_ours'] / mib,
+       m['nnx_stack_hand'] / mib, r['nnx_stack_memory'], '<= 0.45', 'MiB'),
+    ]  # fmt: skip
+    if 'torch_eager_s' in r:
+      rows.append((
+        'single layer time vs PyTorch eager', t['single_ours'],
+        r['torch_eager_s'], 1 / r['torch_speedup'], '<= 0.67 (1.5x)', 's',
+      ))  # fmt: skip
+    for name, ours, base, ratio, goal, unit in rows:
+      lines.append(
+        f'| {dt} | {name} | {ours:.4g} {unit} | {base:.4g} {unit} |'
+        f' {ratio:.2f}x | {goal} |'
+      )
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+  a = _args(argv)
+  if a.torch_worker:
+    print(json.dumps(torch_worker(a)))
+    return
+  figures = run(a)
+  print(table(figures))
+  if a.json:
+    with open(a.json, 'w') as fh:
+      json.dump(figures, fh, indent=2)
+
+
+if __name__ == '__main__':
+  main()
