@@ -425,3 +425,35 @@ class TestErrors:
       Exception, match=r'\(12, 20\).*\(7, 20\)|\(7, 20\).*\(12, 20\)'
     ):
       layer.apply(v, _x((2, 7)))
+
+
+EXPECTED_NAMES = {
+  'FFN',
+  'GatedFFN',
+  'SwiGLU',
+  'GeGLU',
+  'ReGLU',
+  'PReLU',
+  'Swish',
+  'CHECKPOINT_NAMES',
+  'TENSOR_PARALLEL_RULES',
+  'FSDP_RULES',
+  'FSDP_TENSOR_PARALLEL_RULES',
+}
+
+
+class TestPublicAPI:
+  def test_exports(self):
+    # from_torch is re-exported here by the weight-import module.
+    assert EXPECTED_NAMES <= set(fl.__all__)
+    assert set(fl.__all__) - EXPECTED_NAMES <= {'from_torch'}
+    for name in fl.__all__:
+      assert hasattr(fl, name), name
+
+  @pytest.mark.parametrize(
+    'name', sorted(n for n in EXPECTED_NAMES if callable(getattr(fl, n)))
+  )
+  def test_documented(self, name):
+    doc = getattr(fl, name).__doc__ or ''
+    assert 'Examples:' in doc and '>>>' in doc, name
+    assert 'Args:' in doc or 'Attributes:' in doc, name

@@ -351,7 +351,11 @@ def _fixed_activation(layer: str, fixed: str):
 class SwiGLU(GatedFFN):
   """The SwiGLU FFN of LLaMA, Mistral and PaLM: :class:`GatedFFN` with silu.
 
-  Takes the options of :class:`GatedFFN` except ``activation``.
+  Attributes:
+    hidden_features: the hidden width (``'mlp'``).
+    out_features: the output width; ``None`` (default) uses the input's.
+    **options: every keyword option of :class:`GatedFFN` except
+      ``activation``, with the same defaults (no biases, ``remat=True``).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -379,6 +383,12 @@ class GeGLU(GatedFFN):
   For the tanh form of T5.1.1 and Gemma use
   ``GatedFFN(activation='gelu_tanh')``.
 
+  Attributes:
+    hidden_features: the hidden width (``'mlp'``).
+    out_features: the output width; ``None`` (default) uses the input's.
+    **options: every keyword option of :class:`GatedFFN` except
+      ``activation``, with the same defaults (no biases, ``remat=True``).
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from flaxact import linen as fl
@@ -397,6 +407,12 @@ class GeGLU(GatedFFN):
 
 class ReGLU(GatedFFN):
   """ReGLU FFN: :class:`GatedFFN` with ReLU.
+
+  Attributes:
+    hidden_features: the hidden width (``'mlp'``).
+    out_features: the output width; ``None`` (default) uses the input's.
+    **options: every keyword option of :class:`GatedFFN` except
+      ``activation``, with the same defaults (no biases, ``remat=True``).
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -409,7 +409,13 @@ GatedFFN.__doc__ = (
 class SwiGLU(GatedFFN):
   """The SwiGLU FFN of LLaMA, Mistral and PaLM: :class:`GatedFFN` with silu.
 
-  Takes the arguments of :class:`GatedFFN` except ``activation``.
+  Args:
+    in_features: the input width (``'embed'``).
+    hidden_features: the hidden width (``'mlp'``).
+    out_features: the output width; ``None`` (default) uses
+      ``in_features``.
+    **kw: every keyword argument of :class:`GatedFFN` except
+      ``activation``, with the same defaults (``rngs`` is required).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -437,6 +443,14 @@ class GeGLU(GatedFFN):
   For the tanh form of T5.1.1 and Gemma use
   ``GatedFFN(..., activation='gelu_tanh')``.
 
+  Args:
+    in_features: the input width (``'embed'``).
+    hidden_features: the hidden width (``'mlp'``).
+    out_features: the output width; ``None`` (default) uses
+      ``in_features``.
+    **kw: every keyword argument of :class:`GatedFFN` except
+      ``activation``, with the same defaults (``rngs`` is required).
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -455,6 +469,14 @@ class GeGLU(GatedFFN):
 
 class ReGLU(GatedFFN):
   """ReGLU FFN: :class:`GatedFFN` with ReLU.
+
+  Args:
+    in_features: the input width (``'embed'``).
+    hidden_features: the hidden width (``'mlp'``).
+    out_features: the output width; ``None`` (default) uses
+      ``in_features``.
+    **kw: every keyword argument of :class:`GatedFFN` except
+      ``activation``, with the same defaults (``rngs`` is required).
 
   Examples:
     >>> import jax.numpy as jnp
