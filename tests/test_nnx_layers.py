@@ -267,8 +267,10 @@ class TestErrors:
 
   def test_training_dropout_without_rng(self):
     layer = fx.SwiGLU(D, H, dropout_rate=0.1, rngs=nnx.Rngs(params=0))
-    with pytest.raises(ValueError, match=r'needs an rng.*got None'):
+    with pytest.raises(ValueError, match=r'needs an rng.*got no rngs at'):
       layer(_x())
+    with pytest.raises(ValueError, match=r"got an nnx.Rngs without a 'drop"):
+      layer(_x(), rngs=nnx.Rngs(params=1))
 
   def test_unknown_activation_name(self):
     with pytest.raises(ValueError, match="unknown activation 'gelu2'"):

@@ -183,6 +183,7 @@ class _Base(nnx.Module):
       deterministic = self.deterministic
     if deterministic:
       return None
+    given = rngs
     if rngs is None:
       rngs = self.rngs
     if isinstance(rngs, nnx.Rngs):
@@ -194,12 +195,18 @@ class _Base(nnx.Module):
       return rngs()
     if isinstance(rngs, jax.Array):
       return rngs
+    if given is None:
+      got = 'no rngs at the call and no dropout stream kept from construction'
+    elif isinstance(given, nnx.Rngs):
+      got = f"an nnx.Rngs without a 'dropout' or 'default' stream: {given!r}"
+    else:
+      got = f'{type(given).__name__} {given!r}'
     raise ValueError(
       f'{name}: dropout in training mode (deterministic=False, dropout_rate='
       f'{self.dropout_rate}) needs an rng: construct the layer with'
-      ' rngs=nnx.Rngs(params=..., dropout=...) or pass rngs= to the call;'
-      f' got {rngs!r}. For inference use deterministic=True or'
-      ' layer.eval().'
+      ' rngs=nnx.Rngs(params=..., dropout=...) or pass rngs= (an nnx.Rngs,'
+      f' RngStream or key) to the call; got {got}. For inference use'
+      ' deterministic=True or layer.eval().'
     )
 
   def _dtypes(self, x: Array) -> tuple[Any, Any]:
