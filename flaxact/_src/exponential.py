@@ -11,8 +11,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from flaxact._src.checks import apply_elementwise
+from flaxact._src.derivative import fresh
 
 Array = jax.Array
 
@@ -25,12 +27,53 @@ def _nonpositive(x: Array) -> Array:
   return jnp.where(x > 0, jnp.zeros_like(x), x)
 
 
-def _elu(x: Array, alpha: Any) -> Array:
+def _elu_value(x: Array, alpha: Array) -> Array:
   return jnp.where(x > 0, x, alpha * jnp.expm1(_nonpositive(x)))
 
 
-def _celu(x: Array, alpha: Any) -> Array:
+def _celu_value(x: Array, alpha: Array) -> Array:
   return jnp.where(x > 0, x, alpha * jnp.expm1(_nonpositive(x) / alpha))
+
+
+def _elu_jvp(primals, tangents):
+  x, alpha = primals
+  t_x, t_alpha = tangents
+  y = _elu_value(x, alpha)
+  xb = fresh(x)
+  v = _nonpositive(xb)
+  dy = jnp.zeros_like(y)
+  if not isinstance(t_x, SymbolicZero):
+    dy = dy + jnp.where(xb > 0, 1.0, alpha * jnp.exp(v)) * t_x
+  if not isinstance(t_alpha, SymbolicZero):
+    dy = dy + jnp.expm1(v) * t_alpha
+  return y, dy
+
+
+def _celu_jvp(primals, tangents):
+  x, alpha = primals
+  t_x, t_alpha = tangents
+  y = _celu_value(x, alpha)
+  xb = fresh(x)
+  u = _nonpositive(xb) / alpha
+  dy = jnp.zeros_like(y)
+  if not isinstance(t_x, SymbolicZero):
+    dy = dy + jnp.where(xb > 0, 1.0, jnp.exp(u)) * t_x
+  if not isinstance(t_alpha, SymbolicZero):
+    dy = dy + (jnp.expm1(u) - u * jnp.exp(u)) * t_alpha
+  return y, dy
+
+
+# Custom derivatives in x and alpha: the value and the derivative each make
+# one pass over x (see flaxact._src.derivative), and the derivative at 0 is
+# the negative branch's, as in PyTorch.
+_elu = jax.custom_jvp(_elu_value)
+_elu.defjvp(_elu_jvp, symbolic_zeros=True)
+_celu = jax.custom_jvp(_celu_value)
+_celu.defjvp(_celu_jvp, symbolic_zeros=True)
+
+
+def _as_array(alpha: Any, x: Array) -> Array:
+  return jnp.asarray(alpha, x.dtype)
 
 
 def elu(x: Any, alpha: Any = 1.0) -> Array:
@@ -57,7 +100,7 @@ def elu(x: Any, alpha: Any = 1.0) -> Array:
     Learning by Exponential Linear Units (ELUs)", ICLR 2016.
     https://arxiv.org/abs/1511.07289
   """
-  return apply_elementwise(_elu, x, alpha)
+  return apply_elementwise(lambda v, a: _elu(v, _as_array(a, v)), x, alpha)
 
 
 def selu(x: Any) -> Array:
@@ -85,7 +128,7 @@ def selu(x: Any) -> Array:
     https://arxiv.org/abs/1706.02515
   """
   return apply_elementwise(
-    lambda v: SELU_SCALE * _elu(v, SELU_ALPHA),
+    lambda v: SELU_SCALE * _elu(v, _as_array(SELU_ALPHA, v)),
     x,
   )
 
@@ -113,4 +156,4 @@ def celu(x: Any, alpha: Any = 1.0) -> Array:
     Barron, "Continuously Differentiable Exponential Linear Units", 2017.
     https://arxiv.org/abs/1704.07483
   """
-  return apply_elementwise(_celu, x, alpha)
+  return apply_elementwise(lambda v, a: _celu(v, _as_array(a, v)), x, alpha)

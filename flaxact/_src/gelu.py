@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxact._src.checks import apply_elementwise
+from flaxact._src.derivative import with_derivative
 from flaxact._src.sigmoid import sigmoid_parts, times_tail
 
 Array = jax.Array
@@ -78,17 +79,14 @@ def normal_cdf_pdf(x: Array) -> tuple[Array, Array]:
   return cdf, pdf
 
 
-@jax.custom_jvp
-def _gelu(x: Array) -> Array:
-  return times_tail(x, normal_cdf_pdf(x)[0])
-
-
-@_gelu.defjvp
-def _gelu_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
+def _gelu_derivative(x: Array) -> Array:
   cdf, pdf = normal_cdf_pdf(x)
-  xc = jnp.clip(x, -_CLIP, _CLIP)
-  return times_tail(x, cdf), (cdf + xc * pdf) * t
+  return cdf + jnp.clip(x, -_CLIP, _CLIP) * pdf
+
+
+_gelu = with_derivative(
+  lambda x: times_tail(x, normal_cdf_pdf(x)[0]), _gelu_derivative
+)
 
 
 def _gelu_tanh_parts(x: Array) -> tuple[Array, Array]:
@@ -98,16 +96,9 @@ def _gelu_tanh_parts(x: Array) -> tuple[Array, Array]:
   return times_tail(x, s), s + xc * ds * (_A + 3 * _B * x2)
 
 
-@jax.custom_jvp
-def _gelu_tanh(x: Array) -> Array:
-  return _gelu_tanh_parts(x)[0]
-
-
-@_gelu_tanh.defjvp
-def _gelu_tanh_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  y, dy = _gelu_tanh_parts(x)
-  return y, dy * t
+_gelu_tanh = with_derivative(
+  lambda x: _gelu_tanh_parts(x)[0], lambda x: _gelu_tanh_parts(x)[1]
+)
 
 
 def gelu(x: Any, approximate: bool = False) -> Array:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from flaxact._src.checks import apply_elementwise
+from flaxact._src.derivative import fresh, with_derivative
 from flaxact._src.sigmoid import sigmoid_parts, times_tail
 
 Array = jax.Array
@@ -26,16 +27,14 @@ def finite_or_zero(x: Array) -> Array:
   return jnp.where(jnp.isinf(x), jnp.zeros_like(x), x)
 
 
-@jax.custom_jvp
-def _silu(x: Array) -> Array:
-  return times_tail(x, sigmoid_parts(x)[0])
-
-
-@_silu.defjvp
-def _silu_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
+def _silu_derivative(x: Array) -> Array:
   s, ds = sigmoid_parts(x)
-  return times_tail(x, s), (s + finite_or_zero(x) * ds) * t
+  return s + finite_or_zero(x) * ds
+
+
+_silu = with_derivative(
+  lambda x: times_tail(x, sigmoid_parts(x)[0]), _silu_derivative
+)
 
 
 def _swish(x: Array, beta: Any) -> Array:
@@ -58,8 +57,10 @@ def _swish_beta(x: Array, beta: Array) -> Array:
 def _swish_beta_jvp(primals, tangents):
   x, beta = primals
   t_x, t_beta = tangents
-  y, s, ds = _swish_parts(x, beta)
-  xf = finite_or_zero(x)
+  y = _swish_parts(x, beta)[0]
+  xb = fresh(x)
+  _, s, ds = _swish_parts(xb, beta)
+  xf = finite_or_zero(xb)
   dy = jnp.zeros_like(y)
   if not isinstance(t_x, SymbolicZero):
     dy = dy + (s + beta * xf * ds) * t_x
@@ -69,11 +70,6 @@ def _swish_beta_jvp(primals, tangents):
 
 
 _swish_beta.defjvp(_swish_beta_jvp, symbolic_zeros=True)
-
-
-@jax.custom_jvp
-def _mish(x: Array) -> Array:
-  return _mish_parts(x)[0]
 
 
 def _mish_parts(x: Array) -> tuple[Array, Array]:
@@ -90,11 +86,9 @@ def _mish_parts(x: Array) -> tuple[Array, Array]:
   return times_tail(x, n / d), dy
 
 
-@_mish.defjvp
-def _mish_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  y, dy = _mish_parts(x)
-  return y, dy * t
+_mish = with_derivative(
+  lambda x: _mish_parts(x)[0], lambda x: _mish_parts(x)[1]
+)
 
 
 def silu(x: Any) -> Array:
