@@ -9,7 +9,8 @@ within one unit in the last place of the correctly rounded value.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -122,3 +123,33 @@ def split_halves(x: Array, axis: int) -> tuple[Array, Array]:
     )
   a, b = jnp.split(x, 2, axis=axis)
   return a, b
+
+
+def normalise_choice(
+  value: str, choices: Iterable[str], kind: str, plural: str
+) -> str:
+  """Matches ``value`` to ``choices`` ignoring case and ``-`` versus ``_``.
+
+  Args:
+    value: the name given.
+    choices: the valid (normalised) names.
+    kind: what a name is, for the message (``'activation'``, ``'layout'``).
+    plural: the heading of the list of valid names (``'names'``).
+
+  Returns:
+    The normalised name, one of ``choices``.
+
+  Raises:
+    ValueError: if no choice matches; the message names the closest match
+      and lists every valid name.
+  """
+  choices = sorted(choices)
+  key = value.strip().lower().replace('-', '_')
+  if key not in choices:
+    close = difflib.get_close_matches(key, choices, n=1)
+    hint = f' Did you mean {close[0]!r}?' if close else ''
+    raise ValueError(
+      f'unknown {kind} {value!r}.{hint} Valid {plural}:'
+      f' {", ".join(map(repr, choices))}.'
+    )
+  return key

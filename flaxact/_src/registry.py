@@ -8,7 +8,6 @@ Look-ups ignore case and treat ``-`` and ``_`` alike.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import types
@@ -16,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from flaxact._src import exponential, gated, gelu, piecewise, sigmoid, swish
+from flaxact._src.checks import normalise_choice
 
 _CANONICAL: dict[str, Callable[..., Any]] = {
   # element-wise
@@ -74,10 +74,6 @@ GATED_NAMES: frozenset[str] = frozenset(
 )
 
 
-def _normalise(name: str) -> str:
-  return name.strip().lower().replace('-', '_')
-
-
 def get_activation(
   name: str | Callable[..., Any], **params: Any
 ) -> Callable[..., Any]:
@@ -126,14 +122,7 @@ def get_activation(
       'activation must be a registered name or a callable; got'
       f' {type(name).__name__}.'
     )
-  key = _normalise(name)
-  if key not in ACTIVATIONS:
-    close = difflib.get_close_matches(key, list(ACTIVATIONS), n=1)
-    hint = f' Did you mean {close[0]!r}?' if close else ''
-    raise ValueError(
-      f'unknown activation {name!r}.{hint} Valid names:'
-      f' {", ".join(sorted(ACTIVATIONS))}.'
-    )
+  key = normalise_choice(name, ACTIVATIONS, 'activation', 'names')
   fn = ACTIVATIONS[key]
   if not params:
     return fn

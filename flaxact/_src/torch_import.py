@@ -34,13 +34,13 @@ layout        keys                                        activation
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from flaxact._src.checks import normalise_choice
 from flaxact._src.registry import get_activation
 
 _GATE, _UP, _DOWN = 'gate_proj', 'up_proj', 'down_proj'
@@ -201,14 +201,7 @@ def _normalise_layout(layout: Any) -> str:
     raise ValueError(
       f'layout must be one of {", ".join(map(repr, LAYOUTS))}; got {layout!r}.'
     )
-  key = layout.strip().lower().replace('-', '_')
-  if key not in LAYOUTS:
-    close = difflib.get_close_matches(key, list(LAYOUTS), n=1)
-    hint = f' Did you mean {close[0]!r}?' if close else ''
-    raise ValueError(
-      f'unknown layout {layout!r}.{hint} Valid layouts:'
-      f' {", ".join(map(repr, LAYOUTS))}.'
-    )
+  key = normalise_choice(layout, LAYOUTS, 'layout', 'layouts')
   return key
 
 
