@@ -39,7 +39,7 @@ def with_derivative(
 
   def jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    slope = derivative(jax.lax.optimization_barrier(x))
+    slope = derivative(fresh(x))
     return value(x), slope * t
 
   fn.defjvp(jvp)

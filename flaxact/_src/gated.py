@@ -61,9 +61,8 @@ def _apply_gated(act, gate: Array, up: Array) -> Array:
 def _resolve(activation: str | Callable[[Array], Array]):
   if callable(activation):
     return activation
-  from flaxact._src.registry import (
-    get_activation,
-  )  # import here: registry imports this module
+  # Imported here because the registry imports this module.
+  from flaxact._src.registry import get_activation
 
   return get_activation(activation)
 
