@@ -26,6 +26,15 @@ Rule sets, for a mesh with axes ``'data'`` and ``'model'``:
 
 ``'batch'`` is not used by the layers themselves (they leave leading axes
 unconstrained) but by the surrounding model's input constraints.
+
+``'layers'`` is the leading axis of stacked layers, the name the README
+recommends for ``nn.scan(..., metadata_params={nn.PARTITION_NAME: 'layers'})``
+and ``nnx.vmap``/``nnx.scan`` with
+``transform_metadata={nnx.PARTITION_NAME: 'layers'}``. Every rule set keeps
+it replicated (``None``): each device holds its shard of every layer, and the
+scan slices one layer at a time without communication. (Splitting it over a
+mesh axis would be pipeline-style stage sharding, which a scan over the
+stack does not do.)
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ EMBED = 'embed'
 MLP = 'mlp'
 #: Logical name of the batch axis of the surrounding model's activations.
 BATCH = 'batch'
+#: Logical name of the leading axis of stacked (scanned or vmapped) layers.
+LAYERS = 'layers'
 
 #: Kernel axes of ``gate_proj`` and ``up_proj``, stored ``(embed, mlp)``.
 IN_KERNEL_AXES = (EMBED, MLP)
@@ -64,18 +75,21 @@ TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
   (BATCH, 'data'),
   (EMBED, None),
   (MLP, 'model'),
+  (LAYERS, None),
 )
 #: FSDP (ZeRO-3): parameters split along ``embed`` over ``'data'``.
 FSDP_RULES: tuple[tuple[str, Any], ...] = (
   (BATCH, 'data'),
   (EMBED, 'data'),
   (MLP, None),
+  (LAYERS, None),
 )
 #: 2-D: FSDP along ``embed`` over ``'data'`` and ``mlp`` over ``'model'``.
 FSDP_TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
   (BATCH, 'data'),
   (EMBED, 'data'),
   (MLP, 'model'),
+  (LAYERS, None),
 )
 
 
