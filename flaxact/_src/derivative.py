@@ -39,13 +39,17 @@ def with_derivative(
 
   def jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    slope = derivative(fresh(x))
+    slope = derivative(copy_behind_barrier(x))
     return value(x), slope * t
 
   fn.defjvp(jvp)
   return fn
 
 
-def fresh(x: Array) -> Array:
-  """``x`` behind an optimisation barrier (see the module docstring)."""
+def copy_behind_barrier(x: Array) -> Array:
+  """Returns ``x`` behind an optimisation barrier (see the module docstring).
+
+  What is computed from the result is computed afresh, never shared with
+  (and so never materialised for) what is computed from ``x`` itself.
+  """
   return jax.lax.optimization_barrier(x)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from flaxact._src.checks import apply_elementwise
-from flaxact._src.derivative import fresh
+from flaxact._src.derivative import copy_behind_barrier
 
 Array = jax.Array
 
@@ -39,7 +39,7 @@ def _elu_jvp(primals, tangents):
   x, alpha = primals
   t_x, t_alpha = tangents
   y = _elu_value(x, alpha)
-  xb = fresh(x)
+  xb = copy_behind_barrier(x)
   v = _nonpositive(xb)
   dy = jnp.zeros_like(y)
   if not isinstance(t_x, SymbolicZero):
@@ -53,7 +53,7 @@ def _celu_jvp(primals, tangents):
   x, alpha = primals
   t_x, t_alpha = tangents
   y = _celu_value(x, alpha)
-  xb = fresh(x)
+  xb = copy_behind_barrier(x)
   u = _nonpositive(xb) / alpha
   dy = jnp.zeros_like(y)
   if not isinstance(t_x, SymbolicZero):

@@ -17,7 +17,7 @@ import numpy as np
 
 from flaxact._src.checks import apply_elementwise
 from flaxact._src.derivative import with_derivative
-from flaxact._src.sigmoid import sigmoid_parts, times_tail
+from flaxact._src.sigmoid import sigmoid_parts, times_with_zero_limit
 
 Array = jax.Array
 
@@ -85,7 +85,7 @@ def _gelu_derivative(x: Array) -> Array:
 
 
 _gelu = with_derivative(
-  lambda x: times_tail(x, normal_cdf_pdf(x)[0]), _gelu_derivative
+  lambda x: times_with_zero_limit(x, normal_cdf_pdf(x)[0]), _gelu_derivative
 )
 
 
@@ -93,7 +93,7 @@ def _gelu_tanh_parts(x: Array) -> tuple[Array, Array]:
   xc = jnp.clip(x, -_CLIP, _CLIP)
   x2 = xc * xc
   s, ds = sigmoid_parts(xc * (_A + _B * x2))
-  return times_tail(x, s), s + xc * ds * (_A + 3 * _B * x2)
+  return times_with_zero_limit(x, s), s + xc * ds * (_A + 3 * _B * x2)
 
 
 _gelu_tanh = with_derivative(

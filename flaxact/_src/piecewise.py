@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxact._src.checks import apply_elementwise, as_float_array
-from flaxact._src.sigmoid import times_tail
+from flaxact._src.sigmoid import times_with_zero_limit
 
 Array = jax.Array
 
@@ -45,7 +45,7 @@ def _relu6_jvp(primals, tangents):
 
 @jax.custom_jvp
 def _hard_silu(x: Array) -> Array:
-  return times_tail(x, _relu6(x + 3) * (1 / 6))
+  return times_with_zero_limit(x, _relu6(x + 3) * (1 / 6))
 
 
 @_hard_silu.defjvp

@@ -32,8 +32,11 @@ def sigmoid_parts(x: Array) -> tuple[Array, Array]:
   return jnp.where(x >= 0, 1 - t, t), t - t * t
 
 
-def times_tail(x: Array, s: Array) -> Array:
-  """``x * s`` for ``s -> 0`` as ``x -> -inf``: the limit 0 instead of NaN."""
+def times_with_zero_limit(x: Array, s: Array) -> Array:
+  """Returns ``x * s`` for an ``s`` that tends to 0 as ``x -> -inf``.
+
+  At ``x = -inf`` the result is the limit 0, not ``-inf * 0 = NaN``.
+  """
   return jnp.where(x == -jnp.inf, jnp.zeros_like(x), x * s)
 
 

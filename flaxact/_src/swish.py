@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from flaxact._src.checks import apply_elementwise
-from flaxact._src.derivative import fresh, with_derivative
-from flaxact._src.sigmoid import sigmoid_parts, times_tail
+from flaxact._src.derivative import copy_behind_barrier, with_derivative
+from flaxact._src.sigmoid import sigmoid_parts, times_with_zero_limit
 
 Array = jax.Array
 
@@ -33,7 +33,7 @@ def _silu_derivative(x: Array) -> Array:
 
 
 _silu = with_derivative(
-  lambda x: times_tail(x, sigmoid_parts(x)[0]), _silu_derivative
+  lambda x: times_with_zero_limit(x, sigmoid_parts(x)[0]), _silu_derivative
 )
 
 
@@ -58,7 +58,7 @@ def _swish_beta_jvp(primals, tangents):
   x, beta = primals
   t_x, t_beta = tangents
   y = _swish_parts(x, beta)[0]
-  xb = fresh(x)
+  xb = copy_behind_barrier(x)
   _, s, ds = _swish_parts(xb, beta)
   xf = finite_or_zero(xb)
   dy = jnp.zeros_like(y)
@@ -83,7 +83,7 @@ def _mish_parts(x: Array) -> tuple[Array, Array]:
   n = e * (e + 2)
   d = n + 2
   dy = (n * d + 4 * xc * e * (1 + e)) / (d * d)
-  return times_tail(x, n / d), dy
+  return times_with_zero_limit(x, n / d), dy
 
 
 _mish = with_derivative(
