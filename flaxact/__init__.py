@@ -22,6 +22,9 @@ from flaxact._src.gated import reglu as reglu
 from flaxact._src.gated import swiglu as swiglu
 from flaxact._src.gelu import gelu as gelu
 from flaxact._src.gelu import gelu_tanh as gelu_tanh
+from flaxact._src.hf_extra import gelu_10 as gelu_10
+from flaxact._src.hf_extra import laplace as laplace
+from flaxact._src.hf_extra import sqrt_softplus as sqrt_softplus
 from flaxact._src.hidden import ffn_hidden_features as ffn_hidden_features
 from flaxact._src.piecewise import hard_sigmoid as hard_sigmoid
 from flaxact._src.piecewise import hard_silu as hard_silu
@@ -55,12 +58,14 @@ __all__ = [
   'geglu',
   'geglu_tanh',
   'gelu',
+  'gelu_10',
   'gelu_tanh',
   'get_activation',
   'glu',
   'hard_sigmoid',
   'hard_silu',
   'identity',
+  'laplace',
   'leaky_relu',
   'mish',
   'quick_gelu',
@@ -72,6 +77,7 @@ __all__ = [
   'sigmoid',
   'silu',
   'softplus',
+  'sqrt_softplus',
   'swiglu',
   'swish',
   'tanh',

@@ -151,6 +151,24 @@ CASES: dict[str, Case] = {
     lambda x: _x_times(x, 0.5 * special.erfc(-x / np.sqrt(2))),
   ),
   'gelu_tanh': Case(flaxact.gelu_tanh, _gelu_tanh_ref),
+  'gelu_10': Case(
+    flaxact.gelu_10,
+    lambda x: np.clip(CASES['gelu'].ref(x), -10.0, 10.0),
+    {10.0: 1.0},  # gelu'(10) = 1 + 7.7e-22: torch.clamp passes it at 10
+    (0.0, 0.0),
+  ),
+  'sqrt_softplus': Case(
+    flaxact.sqrt_softplus,
+    lambda x: np.sqrt(np.logaddexp(0.0, x)),
+    {},
+    (0.0, 0.0),
+  ),
+  'laplace': Case(
+    flaxact.laplace,
+    lambda x: 0.5 * special.erfc((0.707107 - x) / (0.282095 * np.sqrt(2))),
+    {},
+    (0.0, 0.0),
+  ),
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from flaxact._src import exponential, gated, gelu, piecewise, sigmoid, swish
 from flaxact._src.checks import normalise_choice
+from flaxact._src.hf_extra import gelu_10, laplace, sqrt_softplus
 
 _CANONICAL: dict[str, Callable[..., Any]] = {
   # element-wise
@@ -38,6 +39,9 @@ _CANONICAL: dict[str, Callable[..., Any]] = {
   'mish': swish.mish,
   'gelu': gelu.gelu,
   'gelu_tanh': gelu.gelu_tanh,
+  'gelu_10': gelu_10,
+  'sqrt_softplus': sqrt_softplus,
+  'laplace': laplace,
   # split-form gated
   'glu': gated.glu,
   'reglu': gated.reglu,
@@ -54,6 +58,8 @@ _ALIASES: dict[str, str] = {
   'gelu_pytorch_tanh': 'gelu_tanh',  # Hugging Face
   'gelu_fast': 'gelu_tanh',  # Hugging Face
   'gelu_accurate': 'gelu_tanh',  # Hugging Face: the same tanh formula
+  'gelu_python_tanh': 'gelu_tanh',  # Hugging Face: the same tanh formula
+  'sqrtsoftplus': 'sqrt_softplus',  # Hugging Face
   'relu2': 'relu_squared',  # Hugging Face
   'squared_relu': 'relu_squared',
   'linear': 'identity',  # Hugging Face
