@@ -1,0 +1,324 @@
+"""Stacked FFN layers on 8 simulated CPU devices, every exported rule set.
+
+Run by ``tests/test_stacked_sharding.py`` as one subprocess started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``. For each case (a
+stacking transform x a layer x a rule set) it builds a stack of ``L`` layers
+with the stacked axis named ``'layers'`` (the README's recipe), sharded at
+creation on the mesh, takes one optax training step there and the same step
+on an unsharded stack, and prints one JSON object: per case, the
+``PartitionSpec`` of every parameter before and after the step, the spec the
+contract's logical axes and the rule set give, and how far the sharded loss,
+output and updated parameters are from the unsharded ones. The pytest side
+checks each case.
+
+Stacks:
+
+- ``nnx_scan``: created with ``nnx.vmap``, run as a residual stack with
+  ``nnx.scan`` (both with ``transform_metadata={nnx.PARTITION_NAME:
+  'layers'}``).
+- ``nnx_vmap``: created with ``nnx.vmap``, every layer applied to the same
+  input with ``nnx.vmap`` (an ensemble), outputs summed.
+- ``linen_scan``: ``nn.scan`` with ``metadata_params={nn.PARTITION_NAME:
+  'layers'}``, a residual stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+import traceback
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from flaxact import linen as fl
+from flaxact import nnx as fx
+
+B, D, H, L = 8, 16, 32, 4
+STACKS = ('nnx_scan', 'nnx_vmap', 'linen_scan')
+LAYERS = ('GatedFFN', 'FFN')
+META = {nnx.PARTITION_NAME: 'layers'}
+# An all-reduce sums partial products in another order than one matmul does,
+# and four layers compound it (as tests/sharding_cases.py, one layer: 1e-5).
+TOL = dict(rtol=1e-5, atol=1e-5)
+# Logical axes of each parameter, from the contract (not read off the layer).
+AXES = {
+  ('gate_proj', 'kernel'): ('embed', 'mlp'),
+  ('up_proj', 'kernel'): ('embed', 'mlp'),
+  ('down_proj', 'kernel'): ('mlp', 'embed'),
+  ('gate_proj', 'bias'): ('mlp',),
+  ('up_proj', 'bias'): ('mlp',),
+  ('down_proj', 'bias'): ('embed',),
+}
+
+
+def rule_sets() -> dict[str, tuple]:
+  """Every rule set ``flaxact.nnx`` and ``flaxact.linen`` export."""
+  names = sorted(n for n in fx.__all__ if n.endswith('_RULES'))
+  found = {}
+  for name in names:
+    if getattr(fl, name) != getattr(fx, name):
+      raise ValueError(f'{name} differs between flaxact.linen and .nnx')
+    found[name] = getattr(fx, name)
+  return found
+
+
+def case_ids() -> list[str]:
+  """``stack-layer-RULES`` for every case, in the order they run."""
+  return [
+    f'{s}-{layer}-{r}' for s in STACKS for layer in LAYERS for r in rule_sets()
+  ]
+
+
+def make_mesh(rules) -> jax.sharding.Mesh:
+  """A 2 x 4 mesh (8 x 1 for one axis) over the axes ``rules`` names."""
+  axes = []
+  for _, mesh_axis in rules:
+    for a in mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,):
+      if a is not None and a not in axes:
+        axes.append(a)
+  shape = {1: (8,), 2: (2, 4)}[len(axes)]
+  return jax.make_mesh(
+    shape, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes)
+  )
+
+
+def expected_spec(rules, logical) -> list:
+  """The mesh axis of each logical name: the first rule for it, else None."""
+  table = {}
+  for name, mesh_axis in rules:
+    table.setdefault(name, mesh_axis)
+  return [table.get(name) for name in logical]
+
+
+def _spec(array) -> list:
+  spec = list(array.sharding.spec)
+  return spec + [None] * (array.ndim - len(spec))
+
+
+def _layer(kind, *, rngs=None):
+  if kind == 'GatedFFN':
+    return fx.SwiGLU(D, H, rngs=rngs) if rngs else fl.SwiGLU(H)
+  return fx.FFN(D, H, rngs=rngs) if rngs else fl.FFN(H)
+
+
+def _loss(y):
+  return jnp.mean(jnp.sin(y) ** 2)
+
+
+def _tx():
+  return optax.sgd(0.1, momentum=0.9)
+
+
+# ------------------------------------------------------------------- NNX
+
+
+def _nnx_create(kind):
+  @nnx.split_rngs(splits=L)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=META)
+  def create(rngs):
+    return _layer(kind, rngs=rngs)
+
+  return create(nnx.Rngs(0))
+
+
+def _nnx_forward(stack, layers, x):
+  if stack == 'nnx_scan':
+
+    @nnx.scan(
+      in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=META
+    )
+    def body(x, layer):
+      return x + layer(x)
+
+    return body(x, layers)
+
+  @nnx.vmap(in_axes=(0, None), out_axes=0, transform_metadata=META)
+  def each(layer, x):
+    return layer(x)
+
+  return jnp.sum(each(layers, x), axis=0)
+
+
+def _nnx_step(stack, layers, optimizer, x):
+  def loss(layers):
+    y = _nnx_forward(stack, layers, x)
+    return _loss(y), y
+
+  (value, y), grads = nnx.value_and_grad(loss, has_aux=True)(layers)
+  optimizer.update(layers, grads)
+  return value, y
+
+
+def _nnx_params(layers) -> dict:
+  flat = nnx.to_flat_state(nnx.state(layers, nnx.Param))
+  return {tuple(map(str, path)): v[...] for path, v in flat}
+
+
+def _x():
+  return jax.random.normal(jax.random.key(1), (B, D))
+
+
+def nnx_reference(stack, kind):
+  """Updated parameters and ``(loss, output)`` of one unsharded step."""
+  layers = _nnx_create(kind)
+  optimizer = nnx.Optimizer(layers, _tx(), wrt=nnx.Param)
+  got = nnx.jit(_nnx_step, static_argnums=0)(stack, layers, optimizer, _x())
+  return _nnx_params(layers), got
+
+
+def nnx_sharded(stack, kind, rules, mesh):
+  """Specs at creation, updated parameters and ``(loss, output)``."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    layers = _nnx_create(kind)
+    optimizer = nnx.Optimizer(layers, _tx(), wrt=nnx.Param)
+    before = {k: _spec(a) for k, a in _nnx_params(layers).items()}
+    x = jax.device_put(
+      _x(), jax.sharding.NamedSharding(mesh, logical_spec(rules, 'batch'))
+    )
+    got = nnx.jit(_nnx_step, static_argnums=0)(stack, layers, optimizer, x)
+  return before, _nnx_params(layers), got
+
+
+# ----------------------------------------------------------------- Linen
+
+
+class _Block(nn.Module):
+  kind: str
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x + _layer(self.kind)(x), None
+
+
+def _linen_stack(kind):
+  return nn.scan(
+    _Block,
+    variable_axes={'params': 0},
+    split_rngs={'params': True},
+    length=L,
+    metadata_params={nn.PARTITION_NAME: 'layers'},
+  )(kind)
+
+
+def _linen_step(model, params, opt_state, x):
+  def loss(p):
+    y = model.apply({'params': p}, x, None)[0]
+    return _loss(y), y
+
+  (value, y), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  updates, opt_state = _tx().update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, (value, y)
+
+
+def _linen_flat(params) -> dict:
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {tuple(k.key for k in path[-2:]): a for path, a in flat}
+
+
+def linen_reference(kind):
+  """Updated parameters and ``(loss, output)`` of one unsharded step."""
+  model = _linen_stack(kind)
+  params = nn.unbox(model.init(jax.random.key(0), _x(), None))['params']
+  step = jax.jit(_linen_step, static_argnums=0)
+  new, _, got = step(model, params, _tx().init(params), _x())
+  return _linen_flat(new), got
+
+
+def linen_sharded(kind, rules, mesh):
+  """Specs at init, updated parameters and ``(loss, output)``."""
+  model = _linen_stack(kind)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(model.init, jax.random.key(0), _x(), None)
+    shardings = nn.logical_to_mesh_sharding(
+      nn.get_partition_spec(abstract), mesh, rules
+    )
+    init = jax.jit(model.init, out_shardings=shardings)
+    params = nn.unbox(init(jax.random.key(0), _x(), None))['params']
+    before = {k: _spec(a) for k, a in _linen_flat(params).items()}
+    x = jax.device_put(
+      _x(), jax.sharding.NamedSharding(mesh, logical_spec(rules, 'batch'))
+    )
+    opt_state = jax.jit(_tx().init)(params)
+    new, _, got = jax.jit(_linen_step, static_argnums=0)(
+      model, params, opt_state, x
+    )
+  return before, _linen_flat(new), got
+
+
+# ------------------------------------------------------------------ cases
+
+
+def logical_spec(rules, *logical):
+  """The ``PartitionSpec`` that ``rules`` give the logical axes."""
+  return jax.sharding.PartitionSpec(*expected_spec(rules, logical))
+
+
+def _allclose_ratio(got, want) -> float:
+  """Max of ``|got - want| / (atol + rtol |want|)``: at most 1 passes."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  bound = TOL['atol'] + TOL['rtol'] * np.abs(want)
+  return float(np.max(np.abs(got - want) / bound))
+
+
+@functools.cache
+def reference(stack, kind):
+  """The unsharded step, once per stack and layer."""
+  if stack == 'linen_scan':
+    return linen_reference(kind)
+  return nnx_reference(stack, kind)
+
+
+def run_case(stack, kind, rules) -> dict:
+  mesh = make_mesh(rules)
+  if stack == 'linen_scan':
+    before, new, got = linen_sharded(kind, rules, mesh)
+  else:
+    before, new, got = nnx_sharded(stack, kind, rules, mesh)
+  ref, want = reference(stack, kind)
+  specs = {}
+  for key, array in new.items():
+    logical = ('layers', *AXES[key[-2:]])
+    specs['/'.join(key)] = {
+      'before': before[key],
+      'after': _spec(array),
+      'want': expected_spec(rules, logical),
+    }
+  return {
+    'specs': specs,
+    'devices': len(got[1].sharding.device_set),
+    'ratio': {
+      'loss': _allclose_ratio(got[0], want[0]),
+      'output': _allclose_ratio(got[1], want[1]),
+      **{'/'.join(k): _allclose_ratio(new[k], ref[k]) for k in ref},
+    },
+  }
+
+
+def main() -> None:
+  if jax.device_count() != 8:
+    raise SystemExit(f'needs 8 devices, got {jax.device_count()}')
+  results = {}
+  with jax.default_matmul_precision('highest'):
+    for stack in STACKS:
+      for kind in LAYERS:
+        for name, rules in rule_sets().items():
+          case = f'{stack}-{kind}-{name}'
+          start = time.perf_counter()
+          try:
+            results[case] = run_case(stack, kind, rules)
+          except Exception:  # reported per case; the pytest side fails it
+            results[case] = {'error': traceback.format_exc()}
+          seconds = time.perf_counter() - start
+          print(f'{case}: {seconds:.1f} s', file=sys.stderr)
+  json.dump(results, sys.stdout)
+
+
+if __name__ == '__main__':
+  main()
