@@ -1,0 +1,250 @@
+"""Forward+backward time of the routed FFN (``flaxact.moe_ffn``) per impl.
+
+For each shape, measured in one run with interleaved rounds (the machine may
+be shared: medians and the min-max spread are reported):
+
+- ``dense``: the dense bound, a plain gated FFN over ``T·k`` tokens of the
+  same widths (the MoE layer's active FLOPs, no routing);
+- ``floor``: a perfectly balanced batched gated FFN over the experts,
+  ``(E, T·k/E, d)``, no routing and no padding;
+- ``routing``: router, top-k, sort/layout, dispatch and combine gathers
+  (forward and backward) without the expert matmuls;
+- each ``impl`` of :func:`flaxact.moe_ffn` (router included);
+- Hugging Face ``transformers``' MoE blocks (Mixtral for coarse, Qwen3-MoE
+  for fine) with each ``experts_implementation``, against PyTorch's own
+  dense bound, when ``--torch-python`` names a Python with torch and
+  transformers (run in a worker process; this file never imports torch).
+
+Every step is ``jax.grad`` of ``sum(y * c)`` for a fixed random ``c``, with
+respect to the input and every weight, float32.
+
+Usage::
+
+  python benchmarks/moe.py --quick
+  python benchmarks/moe.py --json moe.json --torch-python /path/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+SHAPES = {  # name: (tokens, d, experts, k, hidden)
+  'coarse': (4096, 512, 8, 2, 1024),
+  'fine': (4096, 512, 64, 8, 256),
+}
+QUICK = {'coarse': (512, 64, 8, 2, 128), 'fine': (512, 64, 16, 4, 32)}
+GOALS = {'coarse': 1.3, 'fine': 1.4}
+
+
+def _args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--shapes', default='coarse,fine')
+  p.add_argument('--impls', default='loop,tiles')
+  p.add_argument('--tile-size', type=int, default=None)
+  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--quick', action='store_true', help='small shapes, 2 rounds')
+  p.add_argument('--json', help='write all figures to this path')
+  p.add_argument('--torch-python', help='a Python with torch + transformers')
+  p.add_argument('--torch-worker', action='store_true', help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  a.shape_table = QUICK if a.quick else SHAPES
+  if a.quick:
+    a.repeats = 2
+  return a
+
+
+def _median(ts):
+  ts = sorted(ts)
+  return ts[len(ts) // 2]
+
+
+def _rounds(fns, repeats):
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return {
+    n: (1e3 * _median(ts), 1e3 * min(ts), 1e3 * max(ts))
+    for n, ts in times.items()
+  }
+
+
+def jax_cases(shape, a):
+  """``{name: zero-argument callable}`` of jitted JAX train steps."""
+  import jax
+  import jax.numpy as jnp
+
+  import flaxact
+  from flaxact._src import moe_core
+
+  t, d, e, k, h = shape
+  ks = jax.random.split(jax.random.key(0), 8)
+  x = jax.random.normal(ks[0], (t, d))
+  rk = jax.random.normal(ks[1], (d, e)) * d**-0.5
+  wg = jax.random.normal(ks[2], (e, d, h)) * d**-0.5
+  wu = jax.random.normal(ks[3], (e, d, h)) * d**-0.5
+  wd = jax.random.normal(ks[4], (e, h, d)) * h**-0.5
+  c = jax.random.normal(ks[5], (t, d))
+  xk = jax.random.normal(ks[6], (t * k, d))
+  ck = jax.random.normal(ks[7], (t * k, d))
+
+  def ffn(x, g, u, dn):
+    return flaxact.gated_product(x @ g, x @ u, 'silu') @ dn
+
+  def dense(x, g, u, dn):
+    return jnp.sum(ffn(x, g, u, dn) * ck)
+
+  xb, cb = xk.reshape(e, -1, d), ck.reshape(e, -1, d)
+
+  def floor(x, g, u, dn):
+    hb = flaxact.gated_product(
+      jnp.einsum('etd,edh->eth', x, g), jnp.einsum('etd,edh->eth', x, u)
+    )
+    return jnp.sum(jnp.einsum('eth,ehd->etd', hb, dn) * cb)
+
+  def routing(x, rk):
+    logits = x @ rk
+    w, ex = flaxact.top_k_routing(logits, k)
+    layout = moe_core.make_layout(ex, e, a.tile_size or 128)
+    xr = moe_core._take(x, layout.row_assign // k)
+    wr = moe_core._take(w.reshape(-1), layout.row_assign)
+    y = moe_core._combine(xr * wr[:, None], layout.assign_row)
+    return jnp.sum(y * c)
+
+  grad = lambda f, n: jax.jit(jax.grad(f, argnums=tuple(range(n))))
+  fns = {
+    'dense': (grad(dense, 4), (xk, wg[0], wu[0], wd[0])),
+    'floor': (grad(floor, 4), (xb, wg, wu, wd)),
+    'routing': (grad(routing, 2), (x, rk)),
+  }
+  for impl in a.impls.split(','):
+    kw = {} if a.tile_size is None else {'tile_size': a.tile_size}
+
+    def moe(x, rk, g, u, dn, impl=impl, kw=kw):
+      y, _ = flaxact.moe_ffn(
+        x, rk, g, u, dn, experts_per_token=k, impl=impl, **kw
+      )
+      return jnp.sum(y * c)
+
+    fns[impl] = (grad(moe, 5), (x, rk, wg, wu, wd))
+  out = {}
+  for name, (f, args) in fns.items():
+    jax.block_until_ready(f(*args))  # compile and warm up
+    out[name] = lambda f=f, args=args: jax.block_until_ready(f(*args))
+  return out
+
+
+def torch_worker(a):
+  """Times transformers' MoE blocks per experts implementation."""
+  import torch
+  from transformers import MixtralConfig, Qwen3MoeConfig
+  from transformers.models.mixtral.modeling_mixtral import (
+    MixtralSparseMoeBlock,
+  )
+  from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+    Qwen3MoeSparseMoeBlock,
+  )
+
+  torch.manual_seed(0)
+  results = {}
+  for name in a.shapes.split(','):
+    t, d, e, k, h = a.shape_table[name]
+    fns = {}
+    xk = torch.randn(t * k, d, requires_grad=True)
+    lin = [torch.nn.Linear(d, h, bias=False), torch.nn.Linear(d, h, bias=False)]
+    down = torch.nn.Linear(h, d, bias=False)
+
+    def dense(xk=xk, lin=lin, down=down):
+      y = down(torch.nn.functional.silu(lin[0](xk)) * lin[1](xk))
+      y.sum().backward()
+
+    fns['dense'] = dense
+    for impl in ('eager', 'batched_mm', 'grouped_mm'):
+      if name == 'coarse':
+        cfg = MixtralConfig(
+          hidden_size=d, intermediate_size=h, num_local_experts=e,
+          num_experts_per_tok=k,
+        )
+        block_cls = MixtralSparseMoeBlock
+      else:
+        cfg = Qwen3MoeConfig(
+          hidden_size=d, moe_intermediate_size=h, num_experts=e,
+          num_experts_per_tok=k, norm_topk_prob=True,
+        )
+        block_cls = Qwen3MoeSparseMoeBlock
+      cfg._experts_implementation = impl
+      block = block_cls(cfg)
+      for p in block.parameters():
+        torch.nn.init.normal_(p, std=d**-0.5)
+      x = torch.randn(1, t, d, requires_grad=True)
+
+      def step(block=block, x=x):
+        block(x).sum().backward()
+
+      try:
+        step()
+      except Exception as err:  # an impl this torch build lacks
+        print(f'skipping {impl}: {err}', file=sys.stderr)
+        continue
+      fns[f'hf_{impl}'] = step
+    results[name] = _rounds(fns, a.repeats)
+  return results
+
+
+def _torch_results(a):
+  if not a.torch_python:
+    return {}
+  cmd = [a.torch_python, __file__, '--torch-worker', '--shapes', a.shapes,
+         '--repeats', str(a.repeats)] + (['--quick'] if a.quick else [])
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if done.returncode:
+    print(f'torch worker failed: {done.stderr[-2000:]}', file=sys.stderr)
+    return {}
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+  a = _args(argv)
+  if a.torch_worker:
+    import torch
+
+    torch.set_num_threads(2)
+    print(json.dumps(torch_worker(a)))
+    return
+  import jax
+
+  results = {'backend': jax.default_backend(), 'shapes': {}}
+  for name in a.shapes.split(','):
+    fns = jax_cases(a.shape_table[name], a)
+    results['shapes'][name] = _rounds(fns, a.repeats)
+  torch_res = _torch_results(a)
+  print(f'MoE forward+backward, float32, {jax.default_backend()},'
+        f' median of {a.repeats} interleaved rounds [min-max]')
+  print(f'{"shape":8} {"case":16} {"ms":>9} {"spread ms":>17} {"x dense":>8}')
+  for name, rows in results['shapes'].items():
+    shape = a.shape_table[name]
+    print(f'-- {name}: T={shape[0]} d={shape[1]} E={shape[2]} k={shape[3]}'
+          f' hidden={shape[4]}; goal <= {GOALS[name]}x dense')
+    for label, rows_, base in (
+      ('jax', rows, rows['dense'][0]),
+      ('torch', torch_res.get(name, {}), torch_res.get(name, {}).get(
+        'dense', (1.0,))[0]),
+    ):
+      for case, (med, lo, hi) in rows_.items():
+        tag = case if label == 'jax' else f'torch_{case}'
+        print(f'{name:8} {tag:16} {med:9.1f} {lo:8.1f}-{hi:8.1f}'
+              f' {med / base:8.2f}')
+  results['torch'] = torch_res
+  if a.json:
+    with open(a.json, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
