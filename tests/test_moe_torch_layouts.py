@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from scipy import special
 
+import flaxact._src as flaxact_src
+from flaxact._src import moe_torch_layouts
 from flaxact._src.moe_torch_layouts import TorchMoE, parse_moe_state_dict
 
 DATA = pathlib.Path(__file__).parent / 'data' / 'moe_reference.npz'
@@ -704,14 +706,12 @@ def test_param_dtype_casts():
 def test_torch_is_never_imported(monkeypatch):
   """With ``import torch`` made to fail, the modules import and parse."""
   monkeypatch.setitem(sys.modules, 'torch', None)
-  names = [
-    'flaxact._src.moe_torch_layouts',
-    'flaxact._src.moe_torch_arrays',
-    'flaxact._src.moe_torch_settings',
-  ]
-  for name in names:
-    monkeypatch.delitem(sys.modules, name, raising=False)
-  fresh = importlib.import_module(names[0])
+  for short in ('moe_torch_layouts', 'moe_torch_arrays', 'moe_torch_settings'):
+    # Teardown restores both the module entries and the package attributes.
+    monkeypatch.setattr(flaxact_src, short, getattr(flaxact_src, short))
+    monkeypatch.delitem(sys.modules, f'flaxact._src.{short}')
+  fresh = importlib.import_module('flaxact._src.moe_torch_layouts')
+  assert fresh is not moe_torch_layouts
   case = REFERENCE['gpt_oss']
   t = fresh.parse_moe_state_dict(
     case['stacked'], layout='gpt_oss', config=case['config']

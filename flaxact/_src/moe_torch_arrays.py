@@ -106,6 +106,38 @@ class Reader:
     return [self.local[k] for k in self.local if k not in self.used]
 
 
+def guess_layout(keys: list[str]) -> str | None:
+  """The layout whose distinctive keys the state dict has, if any."""
+  marks = (
+    ('gpt_oss', ('router.weight', 'experts.gate_up_proj_bias')),
+    ('deepseek_v3', ('e_score_correction_bias', 'shared_experts.')),
+    ('qwen2_moe', ('shared_expert_gate.weight',)),
+    ('mixtral', ('.w1.weight',)),
+  )
+  for name, parts in marks:
+    if any(part in key for key in keys for part in parts):
+      return name
+  return None
+
+
+def missing_hint(reader: Reader, router_key: str) -> str:
+  """Why the expected keys are not there: prefix, other layout, MXFP4."""
+  keys = [str(k) for k in reader.state_dict]
+  if any(k.endswith(('_blocks', '_scales')) for k in keys):
+    return (
+      ' The keys hold a quantized (MXFP4 *_blocks/*_scales) checkpoint:'
+      ' dequantize it first (transformers: Mxfp4Config(dequantize=True)).'
+    )
+  router = f'{router_key}.weight'
+  for key in keys:
+    if key.endswith('.' + router) and key != reader.prefix + router:
+      return f" The keys look prefixed: pass prefix='{key[: -len(router)]}'."
+  guess = guess_layout(list(reader.local))
+  if guess is not None and guess != reader.layout:
+    return f' The keys match layout {guess!r}.'
+  return ''
+
+
 def check_shape(
   reader: Reader, key: str, got: tuple, want: tuple, stored: str
 ) -> None:

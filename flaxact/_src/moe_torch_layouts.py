@@ -115,38 +115,6 @@ class TorchMoE:
   param_dtype: np.dtype
 
 
-def _guess_layout(keys: list[str]) -> str | None:
-  """The layout whose distinctive keys the state dict has, if any."""
-  marks = (
-    ('gpt_oss', ('router.weight', 'experts.gate_up_proj_bias')),
-    ('deepseek_v3', ('e_score_correction_bias', 'shared_experts.')),
-    ('qwen2_moe', ('shared_expert_gate.weight',)),
-    ('mixtral', ('.w1.weight',)),
-  )
-  for name, parts in marks:
-    if any(part in key for key in keys for part in parts):
-      return name
-  return None
-
-
-def _hint(reader: arrays_lib.Reader, spec: MoELayout) -> str:
-  """Why the expected keys are not there: prefix, other layout, MXFP4."""
-  keys = [str(k) for k in reader.state_dict]
-  if any(k.endswith(('_blocks', '_scales')) for k in keys):
-    return (
-      ' The keys hold a quantized (MXFP4 *_blocks/*_scales) checkpoint:'
-      ' dequantize it first (transformers: Mxfp4Config(dequantize=True)).'
-    )
-  router = f'{spec.router_key}.weight'
-  for key in keys:
-    if key.endswith('.' + router) and key != reader.prefix + router:
-      return f" The keys look prefixed: pass prefix='{key[: -len(router)]}'."
-  guess = _guess_layout(list(reader.local))
-  if guess is not None and guess != reader.layout:
-    return f' The keys match layout {guess!r}.'
-  return ''
-
-
 def _experts(reader: arrays_lib.Reader, spec: MoELayout):
   """Reads the router and experts; returns ``(format, router, experts)``."""
   stacked = reader.has('experts.gate_up_proj') or reader.has(
@@ -161,7 +129,7 @@ def _experts(reader: arrays_lib.Reader, spec: MoELayout):
       f'state dict for layout {reader.layout!r} is missing key(s)'
       f' {arrays_lib.describe(missing)} (or per-expert keys'
       f' {reader.shown("experts.0." + spec.expert_names[0] + ".weight")!r},'
-      f' ...).{_hint(reader, spec)} It has keys'
+      f' ...).{arrays_lib.missing_hint(reader, spec.router_key)} It has keys'
       f' {arrays_lib.describe([str(k) for k in reader.state_dict])}.'
     )
   if stacked and indices:
@@ -251,7 +219,11 @@ def _check_unused(reader: arrays_lib.Reader, spec: MoELayout) -> None:
   unused = reader.unused()
   if not unused:
     return
-  hint = _hint(reader, spec) if _guess_layout(unused) else ''
+  hint = (
+    arrays_lib.missing_hint(reader, spec.router_key)
+    if arrays_lib.guess_layout(unused)
+    else ''
+  )
   raise ValueError(
     f'unexpected key(s) {arrays_lib.describe(unused)} for layout'
     f" {reader.layout!r}.{hint} Pass only the MoE block's state dict,"
@@ -299,6 +271,22 @@ def parse_moe_state_dict(
       (naming the config field).
     TypeError: if ``state_dict`` is not a mapping, ``config`` is neither an
       object nor a mapping, or an override is not a settable argument.
+
+  Examples:
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> state_dict = {  # a Qwen3MoeSparseMoeBlock: 4 experts, d=8, h=3
+    ...   'gate.weight': rng.normal(size=(4, 8)),
+    ...   'experts.gate_up_proj': rng.normal(size=(4, 6, 8)),
+    ...   'experts.down_proj': rng.normal(size=(4, 8, 3)),
+    ... }
+    >>> moe = parse_moe_state_dict(
+    ...   state_dict, layout='qwen3_moe', config={'num_experts_per_tok': 2}
+    ... )
+    >>> moe.params['gate_proj']['kernel'].shape
+    (4, 8, 3)
+    >>> moe.settings['normalize_weights']  # Qwen3-MoE's published value
+    True
   """
   if not isinstance(state_dict, Mapping):
     raise TypeError(

@@ -280,12 +280,32 @@ def check_against_state_dict(
       f' integer in [1, {num_experts}], the number of experts in the state'
       f' dict; got {k!r}.'
     )
-  groups = settings['num_groups']
-  if groups is not None and (
-    not isinstance(groups, int) or groups < 1 or num_experts % groups
-  ):
+  _check_groups(settings, num_experts, k)
+
+
+def _check_groups(settings: Mapping[str, Any], num_experts: int, k: int):
+  """Group-limited routing's settings, named by their config fields."""
+  groups, per_token = settings['num_groups'], settings['groups_per_token']
+  if groups is None and per_token is None:
+    return
+  size = num_experts // groups if isinstance(groups, int) and groups > 0 else 0
+  problem = ''
+  if groups is None or per_token is None:
+    problem = 'they go together'
+  elif size < 2 or num_experts % groups:
+    problem = (
+      f'n_group must split the {num_experts} experts of the state dict into'
+      ' equal groups of at least 2 (a group scores the sum of its two best)'
+    )
+  elif not 1 <= per_token <= groups or per_token * size < k:
+    problem = (
+      f'topk_group must be in [1, n_group] and its groups must hold the'
+      f' {k} experts per token'
+    )
+  if problem:
     raise ValueError(
-      f'num_groups (config field n_group) must divide the {num_experts}'
-      f' experts of the state dict into equal groups; got {groups!r}.'
-      f' Pass config= (n_group, topk_group) or num_groups=.'
+      f'group-limited routing: num_groups (config field n_group) ='
+      f' {groups!r}, groups_per_token (topk_group) = {per_token!r}: {problem}.'
+      ' Pass config= with n_group and topk_group, or num_groups= and'
+      ' groups_per_token=.'
     )
