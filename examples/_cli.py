@@ -1,18 +1,21 @@
 """Command-line plumbing shared by the examples.
 
 One-line errors instead of tracebacks for bad arguments, positive-integer
-argument types, the results table, and writing JSON and PNG results. Nothing
-here imports JAX, so a script can parse its arguments (and, for example, set
+argument types, command-line flags derived from configuration dataclasses,
+the results table, and writing JSON and PNG results. Nothing here imports
+JAX, so a script can parse its arguments (and, for example, set
 ``XLA_FLAGS``) before JAX starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 
@@ -72,6 +75,74 @@ def nonnegative_float(text: str) -> float:
   if not value >= 0.0 or value == float('inf'):
     raise argparse.ArgumentTypeError(f'must be finite and >= 0, got {text}')
   return value
+
+
+def option(default: Any, help: str, *, minimum: int = 1) -> Any:
+  """A configuration field that ``add_flags`` turns into a flag.
+
+  Args:
+    default: the field's default, shown by ``--help``.
+    help: one line for ``--help``.
+    minimum: for ``int`` fields, the smallest value the flag accepts (1 or
+      0); ``float`` fields always accept any finite value >= 0.
+
+  Returns:
+    A ``dataclasses.field`` carrying ``help`` and ``minimum`` as metadata.
+  """
+  return dataclasses.field(
+    default=default, metadata={'help': help, 'minimum': minimum}
+  )
+
+
+def _flag_type(kind: Any, minimum: int):
+  if kind is int:
+    return positive_int if minimum >= 1 else nonnegative_int
+  if kind is float:
+    return nonnegative_float
+  raise TypeError(f'no flag type for a {kind!r} field')
+
+
+def add_flags(
+  parser: argparse.ArgumentParser,
+  config_class: type,
+  *,
+  defaults: Mapping[str, Any] | None = None,
+) -> None:
+  """Adds one ``--flag-name`` per ``option`` field of ``config_class``.
+
+  The flag's type, default and help come from the field, so a default is
+  written once, in the dataclass. Fields made without ``option`` (those
+  that come from the data, such as the vocabulary size) get no flag.
+
+  Args:
+    parser: the parser to extend.
+    config_class: a dataclass whose fields were made with ``option``.
+    defaults: per-script defaults that replace the dataclass's.
+  """
+  defaults = dict(defaults or {})
+  hints = typing.get_type_hints(config_class)
+  for field in dataclasses.fields(config_class):
+    if 'help' not in field.metadata:
+      continue
+    parser.add_argument(
+      '--' + field.name.replace('_', '-'),
+      dest=field.name,
+      type=_flag_type(hints[field.name], field.metadata['minimum']),
+      default=defaults.pop(field.name, field.default),
+      help=field.metadata['help'],
+    )
+  if defaults:
+    raise TypeError(f'{config_class.__name__} has no flag {sorted(defaults)}')
+
+
+def from_args(config_class: type, args: argparse.Namespace, **fixed: Any):
+  """``config_class`` from the flags ``add_flags`` added, plus ``fixed``."""
+  values = {
+    f.name: getattr(args, f.name)
+    for f in dataclasses.fields(config_class)
+    if 'help' in f.metadata
+  }
+  return config_class(**values, **fixed)
 
 
 def run_main(prog: str, main, argv: Sequence[str] | None = None) -> int:

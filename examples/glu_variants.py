@@ -4,9 +4,10 @@ Shazeer (2020), "GLU Variants Improve Transformer"
 (https://arxiv.org/abs/2002.05202), replaced the ReLU feed-forward block of a
 transformer with gated linear units and found the gated versions better at
 equal parameters and steps. This example repeats the comparison at laptop
-scale: a small decoder-only transformer (``charlm.py``) trained once per FFN
-variant and seed on a character-level corpus, the gated variants' hidden
-width cut to 2/3 (rounded up to a multiple of 8) so parameters match.
+scale: a small decoder-only transformer (the ``charlm`` package) trained
+once per FFN variant and seed on a character-level corpus, the gated
+variants' hidden width cut to 2/3 (rounded up to a multiple of 8) so
+parameters match.
 
 Run::
 
@@ -27,9 +28,9 @@ import time
 from collections.abc import Sequence
 
 import _cli
-import charlm
 import jax
 import numpy as np
+from charlm import data, flags, model, train
 
 import flaxact
 
@@ -60,13 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
       ' --text, the built-in corpus is the source code of 30 standard-'
       'library modules of the running Python, read from its Lib directory'
       ' (argparse.py, ast.py, ..., urllib/parse.py: STDLIB_MODULES in'
-      ' examples/charlm.py; about 1.6 MB; no download). The default run, 8'
-      ' variants x 800 steps, is sized to finish within 10 minutes on 2 CPU'
-      ' cores; --steps, --variants and --seeds shorten or extend it.'
+      ' examples/charlm/data.py; about 1.6 MB; no download). The default run,'
+      ' 8 variants x 300 steps, is sized to finish within 5 minutes on 2 CPU'
+      ' cores; --steps, --variants and --seeds shorten or extend it. The'
+      ' validation loss in the table is the whole validation split; the'
+      ' curve points before the last are an estimate on a sample spread over'
+      ' it (--curve-windows).'
     ),
     formatter_class=_cli.HelpFormatter,
   )
-  charlm.add_arguments(p, steps=800)
+  flags.add_common_flags(p)
   p.add_argument(
     '--seeds',
     type=_cli.positive_int,
@@ -102,9 +106,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = build_parser().parse_args(argv)
   variants = parse_variants(args.variants)
 
-  corpus = charlm.load_corpus(args.text, seq_len=args.seq_len)
+  corpus = data.load_corpus(args.text, seq_len=args.seq_len)
   out_dir = _cli.prepare_out_dir(args.out)
-  model_cfg, train_cfg = charlm.configs_from_args(args, corpus)
+  configs = flags.configs_from_args(args, corpus)
   print(
     f'{args.text or "built-in stdlib corpus"}:'
     f' {corpus.info["characters"]:,} characters, vocabulary'
@@ -112,16 +116,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     f' {args.seeds} seed(s) x {args.steps} steps',
     flush=True,
   )
-
   json_path = os.path.join(out_dir, 'results.json')
-  runs = []
+  result = train_all(args, variants, corpus, configs, json_path)
+  print(report(result, args))
+  png_path = os.path.join(out_dir, 'val_curves.png')
+  plot(
+    result['runs'], variants, png_path, args.text or 'built-in stdlib corpus'
+  )
+  print(f'\nwrote {json_path} and {png_path}')
+
+
+def train_all(args, variants, corpus, configs, json_path: str) -> dict:
+  """Trains every seed and variant; rewrites the JSON after each run.
+
+  Returns:
+    The final contents of the results file.
+  """
+  model_cfg, train_cfg = configs
+  runs, result = [], {}
   t_start = time.perf_counter()
   total = len(variants) * args.seeds
   for seed in range(args.seeds):
     for variant in variants:
       desc = f'[{len(runs) + 1}/{total}] {variant} seed {seed}'
       try:
-        run = charlm.fit(
+        run = train.fit(
           corpus,
           model_cfg,
           train_cfg,
@@ -134,34 +153,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise _cli.UsageError(f'{e}; try a lower --lr') from None
       runs.append(run)
       print(
-        f'{desc}: val {run["val_bpc"]:.4f} bpc,'
+        f'{desc}: val {run["val_bpc"]:.4f} bpc (whole validation split),'
         f' {run["tokens_per_second"] or 0:,.0f} tokens/s',
         flush=True,
       )
       # Written after every run, so an interrupted run keeps what it has.
-      wall = time.perf_counter() - t_start
       result = results_json(
         args,
         variants,
         corpus,
-        model_cfg,
-        train_cfg,
+        configs,
         runs,
-        wall,
+        time.perf_counter() - t_start,
         complete=len(runs) == total,
       )
       _cli.write_json(json_path, result)
-
-  print(report(result['summary'], args, wall))
-  png_path = os.path.join(out_dir, 'val_curves.png')
-  plot(runs, variants, png_path, args.text or 'built-in stdlib corpus')
-  print(f'\nwrote {json_path} and {png_path}')
+  return result
 
 
 def results_json(
-  args, variants, corpus, model_cfg, train_cfg, runs, wall, *, complete: bool
+  args, variants, corpus, configs, runs, wall, *, complete: bool
 ) -> dict:
   """Everything a run measured, with the settings that produced it."""
+  model_cfg, train_cfg = configs
   done = [v for v in variants if any(r['variant'] == v for r in runs)]
   return {
     'experiment': 'glu_variants',
@@ -180,6 +194,12 @@ def results_json(
     },
     'devices': [str(d) for d in jax.devices()],
     'wall_seconds': wall,
+    'validation': {
+      'val_bpc': 'mean next-character loss (bits per character) over every'
+      ' non-overlapping window of the validation split; the table and the'
+      " curve's last point",
+      'curve': runs[0]['curve']['intermediate_points'] if runs else None,
+    },
     'paper_log_ppl': PAPER_LOG_PPL,
     'summary': summarise(runs, done),
     'runs': runs,
@@ -195,7 +215,7 @@ def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
     rows.append(
       {
         'variant': v,
-        'gated': charlm.VARIANTS[v][0],
+        'gated': model.VARIANTS[v][0],
         'params': rs[0]['params'],
         'ffn_hidden': rs[0]['ffn_hidden'],
         'final_train_bpc': float(np.mean([r['final_train_bpc'] for r in rs])),
@@ -216,17 +236,17 @@ def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
   return rows
 
 
-def report(summary: list[dict], args, wall: float) -> str:
+def report(result: dict, args) -> str:
   """The results table (Markdown) and a one-line setting summary."""
   rows = []
-  for s in summary:
+  for s in result['summary']:
     val = f'{s["val_bpc"]:.4f}'
     if s['val_bpc_std'] is not None:
       val += f' ± {s["val_bpc_std"]:.4f}'
     rows.append(
       (
         s['rank'],
-        charlm.DISPLAY[s['variant']],
+        model.DISPLAY[s['variant']],
         f'{s["params"]:,}',
         s['ffn_hidden'],
         f'{s["final_train_bpc"]:.4f}',
@@ -239,7 +259,9 @@ def report(summary: list[dict], args, wall: float) -> str:
   head = (
     f'\nd_model {args.d_model}, {args.layers} layers, {args.heads} heads,'
     f' sequence {args.seq_len}, batch {args.batch_size}, {args.steps} steps,'
-    f' AdamW lr {args.lr:g}, {seeds}; {wall:.0f} s in all\n'
+    f' AdamW lr {args.lr:g}, {seeds}; {result["wall_seconds"]:.0f} s in'
+    ' all. val loss: the whole validation split'
+    f' ({result["runs"][0]["val_tokens"]:,} characters)\n'
   )
   table = _cli.format_table(
     [
@@ -258,15 +280,21 @@ def report(summary: list[dict], args, wall: float) -> str:
 
 
 def plot(runs: list[dict], variants: list[str], path: str, source: str):
-  """Validation bits per character against steps, one line per variant."""
+  """Validation bits per character against steps, one line per variant.
+
+  The last point of each line (a dot) is the whole validation split, the
+  table's number; the points before it are the curve's estimate, when the
+  run used one, and the figure says so.
+  """
   plt = _cli.pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = plt.subplots(figsize=(7, 4.8))
   for v in variants:
     rs = [r for r in runs if r['variant'] == v]
     steps = rs[0]['curve']['step']
     val = np.array([r['curve']['val_bpc'] for r in rs])
-    style = '-' if charlm.VARIANTS[v][0] else '--'
+    style = '-' if model.VARIANTS[v][0] else '--'
     (line,) = ax.plot(steps, val.mean(0), style, label=v)
+    ax.plot(steps[-1], val.mean(0)[-1], 'o', color=line.get_color(), ms=4)
     if len(rs) > 1:
       ax.fill_between(
         steps, val.min(0), val.max(0), alpha=0.15, color=line.get_color()
@@ -280,9 +308,17 @@ def plot(runs: list[dict], variants: list[str], path: str, source: str):
   ax.set_title(
     f'FFN variants on {os.path.basename(source)} (dashed: not gated)'
   )
+  curve = runs[0]['curve']
+  note = 'dots: whole validation split (the table)'
+  if any(curve['val_is_estimate']):
+    note = (
+      f'earlier points: estimate on {curve["curve_windows"]:,} of'
+      f' {curve["val_windows"]:,} windows spread over the split; ' + note
+    )
+  fig.text(0.5, 0.01, note, ha='center', va='bottom', fontsize=8)
   ax.legend(ncol=2)
   ax.grid(alpha=0.3)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.04, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 

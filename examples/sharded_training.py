@@ -26,9 +26,9 @@ import sys
 from collections.abc import Sequence
 
 import _cli
-import charlm
 import jax
 import numpy as np
+from charlm import data, flags, model, train
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -66,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     ),
     formatter_class=_cli.HelpFormatter,
   )
-  charlm.add_arguments(p, steps=100)
+  flags.add_common_flags(p, steps=100)
   p.add_argument(
     '--variant',
     default='swiglu',
-    choices=list(charlm.VARIANTS),
+    choices=list(model.VARIANTS),
     help='the FFN variant to train',
   )
   p.add_argument(
@@ -106,33 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
 def mesh_shape(spec: str | None, n: int, rules: str) -> tuple[int, int]:
   """``(data, model)`` from ``'DxM'``, or a default for ``n`` devices."""
   if spec is None:
-    model = 2 if n % 2 == 0 and rules != 'fsdp' else 1
-    return n // model, model
+    n_model = 2 if n % 2 == 0 and rules != 'fsdp' else 1
+    return n // n_model, n_model
   try:
-    data, model = (int(v) for v in spec.lower().split('x'))
+    n_data, n_model = (int(v) for v in spec.lower().split('x'))
   except ValueError:
     raise _cli.UsageError(
       f'--mesh {spec!r} is not of the form DATAxMODEL, e.g. 4x2'
     ) from None
-  if data < 1 or model < 1 or data * model > n:
+  if n_data < 1 or n_model < 1 or n_data * n_model > n:
     raise _cli.UsageError(
-      f'--mesh {spec} needs {data * model} devices; {n} available'
+      f'--mesh {spec} needs {n_data * n_model} devices; {n} available'
     )
-  return data, model
+  return n_data, n_model
 
 
-def check_divisible(args, data: int, model: int) -> None:
+def check_divisible(args, n_data: int, n_model: int) -> None:
   """Every sharded dimension must split evenly over its mesh axis."""
-  hidden = charlm.hidden_features(
-    args.d_model, charlm.VARIANTS[args.variant][0]
-  )
+  hidden = model.hidden_features(args.d_model, model.VARIANTS[args.variant][0])
   checks = [
-    ('--batch-size', args.batch_size, data, 'data'),
-    ('--heads', args.heads, model, 'model'),
-    ('the FFN hidden width', hidden, model, 'model'),
+    ('--batch-size', args.batch_size, n_data, 'data'),
+    ('--heads', args.heads, n_model, 'model'),
+    ('the FFN hidden width', hidden, n_model, 'model'),
   ]
   if args.rules != 'tp':
-    checks.append(('--d-model', args.d_model, data, 'data'))
+    checks.append(('--d-model', args.d_model, n_data, 'data'))
   for what, size, parts, axis in checks:
     if size % parts:
       raise _cli.UsageError(
@@ -153,22 +151,22 @@ def bytes_per_device(tree) -> dict[str, int]:
 def main(argv: Sequence[str] | None = None) -> None:
   args = build_parser().parse_args(argv)
   devices = jax.devices()
-  data, model = mesh_shape(args.mesh, len(devices), args.rules)
-  check_divisible(args, data, model)
-  corpus = charlm.load_corpus(args.text, seq_len=args.seq_len)
-  model_cfg, train_cfg = charlm.configs_from_args(args, corpus)
+  n_data, n_model = mesh_shape(args.mesh, len(devices), args.rules)
+  check_divisible(args, n_data, n_model)
+  corpus = data.load_corpus(args.text, seq_len=args.seq_len)
+  model_cfg, train_cfg = flags.configs_from_args(args, corpus)
   out_dir = _cli.prepare_out_dir(args.out)
 
   mesh = jax.make_mesh(
-    (data, model),
+    (n_data, n_model),
     ('data', 'model'),
     (AxisType.Auto, AxisType.Auto),
-    devices=devices[: data * model],
+    devices=devices[: n_data * n_model],
   )
   rules = model_rules(args.rules)
   print(
-    f'{len(devices)} {devices[0].platform} device(s); mesh data={data} x'
-    f' model={model}; rules {args.rules}: {dict(rules)}'
+    f'{len(devices)} {devices[0].platform} device(s); mesh data={n_data} x'
+    f' model={n_model}; rules {args.rules}: {dict(rules)}'
   )
   if len(devices) == 1:
     print(
@@ -190,18 +188,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     return params, shardings, NamedSharding(mesh, P('data', None))
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    sharded = charlm.fit(
+    sharded = train.fit(
       corpus,
       model_cfg,
       train_cfg,
       args.variant,
       args.seed,
-      placement=charlm.Placement(place),
+      placement=train.Placement(place),
       desc='sharded',
       progress=not args.no_progress,
     )
   per_device, total = placed['per_device'], placed['total']
-  single = charlm.fit(
+  single = train.fit(
     corpus,
     model_cfg,
     train_cfg,
@@ -273,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     },
     'corpus': corpus.info,
     'devices': [str(d) for d in devices],
-    'mesh': {'data': data, 'model': model},
+    'mesh': {'data': n_data, 'model': n_model},
     'rules': [list(r) for r in rules],
     'param_specs': specs,
     'param_bytes_total': total,
@@ -287,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   json_path = os.path.join(out_dir, 'results.json')
   _cli.write_json(json_path, result)
   png_path = os.path.join(out_dir, 'loss.png')
-  plot(a, b, data, model, png_path)
+  plot(a, b, n_data, n_model, png_path)
   print(f'\nwrote {json_path} and {png_path}')
   if not match:
     raise _cli.CheckFailed(
@@ -296,13 +294,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
 
-def plot(sharded, single, data: int, model: int, path: str) -> None:
+def plot(sharded, single, n_data: int, n_model: int, path: str) -> None:
   """Both loss curves, and their relative difference."""
   plt = _cli.pyplot()
   steps = np.arange(1, len(single) + 1)
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
   a1.plot(steps, single / math.log(2), label='single device')
-  a1.plot(steps, sharded / math.log(2), '--', label=f'mesh {data}x{model}')
+  a1.plot(steps, sharded / math.log(2), '--', label=f'mesh {n_data}x{n_model}')
   a1.set_xlabel('step')
   a1.set_ylabel('training loss (bits per character)')
   a1.legend()

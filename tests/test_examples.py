@@ -5,6 +5,7 @@ outputs it promises (the table rows on stdout, the JSON keys, the PNG) and
 that bad arguments end with a one-line error and no traceback.
 """
 
+import importlib
 import json
 import math
 import os
@@ -18,10 +19,6 @@ EXAMPLES = os.path.join(ROOT, 'examples')
 SHAKESPEARE = os.path.join(
   os.path.dirname(ROOT), 'shared', 'data', 'tinyshakespeare.txt'
 )
-needs_shakespeare = pytest.mark.skipif(
-  not os.path.exists(SHAKESPEARE),
-  reason=f'tiny Shakespeare not found at {SHAKESPEARE} (shared/ data)',
-)
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 # A model small enough to train in seconds.
@@ -29,6 +26,25 @@ TINY_LM = (
   '--d-model 32 --layers 1 --heads 2 --seq-len 32 --batch-size 8'
   ' --eval-every 5 --no-progress'
 ).split()
+
+
+def require_shakespeare():
+  """tiny Shakespeare's path; skips without it, but fails under ``CI=true``."""
+  if not os.path.exists(SHAKESPEARE):
+    message = f'tiny Shakespeare not found at {SHAKESPEARE} (shared/ data)'
+    if os.environ.get('CI') == 'true':
+      pytest.fail(f'{message}; CI must provide it')
+    pytest.skip(message)
+  return SHAKESPEARE
+
+
+def import_examples(*names):
+  """Imports modules of examples/ (``_cli``, ``charlm.train``, ...)."""
+  sys.path.insert(0, EXAMPLES)
+  try:
+    return [importlib.import_module(name) for name in names]
+  finally:
+    sys.path.remove(EXAMPLES)
 
 
 def run(script, *args, env=None, timeout=300):
@@ -63,13 +79,12 @@ def assert_one_line_error(proc, *fragments):
 # ---------------------------------------------------------------------------
 
 
-@needs_shakespeare
 def test_glu_variants_tiny_run(tmp_path):
   variants = ['relu', 'glu', 'swiglu']
   proc = run(
     'glu_variants.py',
     '--text',
-    SHAKESPEARE,
+    require_shakespeare(),
     '--steps',
     10,
     '--variants',
@@ -94,6 +109,7 @@ def test_glu_variants_tiny_run(tmp_path):
     'summary',
     'runs',
     'paper_log_ppl',
+    'validation',
   ):
     assert key in result, key
   assert result['complete'] is True
@@ -118,6 +134,63 @@ def test_glu_variants_tiny_run(tmp_path):
   assert run0['curve']['step'] == [5, 10]
   assert len(run0['train_loss_per_step']) == 10
   assert_png(tmp_path / 'val_curves.png')
+
+
+def test_glu_variants_curve_ends_at_the_table_number(tmp_path):
+  # One definition of validation loss: the curve's last point, the JSON's
+  # val_bpc and the table are the whole split; earlier points are labelled
+  # estimates on a sample spread over it.
+  proc = run(
+    'glu_variants.py',
+    '--text',
+    require_shakespeare(),
+    '--steps',
+    7,
+    '--variants',
+    'reglu',
+    '--curve-windows',
+    40,
+    '--out',
+    tmp_path,
+    *TINY_LM,
+  )
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads((tmp_path / 'results.json').read_text())
+  run0 = result['runs'][0]
+  curve = run0['curve']
+  assert curve['step'] == [5, 7]
+  assert curve['val_is_estimate'] == [True, False]
+  assert curve['curve_windows'] == 40
+  windows = (result['corpus']['val_characters'] - 1) // 32
+  assert curve['val_windows'] == windows
+  assert run0['val_tokens'] == windows * 32
+  assert curve['val_bpc'][-1] == run0['val_bpc']
+  assert result['summary'][0]['val_bpc'] == run0['val_bpc']
+  assert 'estimate' in curve['intermediate_points']
+  assert 'estimate' in result['validation']['curve']
+  row = next(ln for ln in proc.stdout.splitlines() if '| FFN_ReGLU ' in ln)
+  assert f'| {run0["val_bpc"]:.4f} |' in row
+  # --curve-windows 0: the whole split at every point, nothing estimated.
+  proc = run(
+    'glu_variants.py',
+    '--text',
+    SHAKESPEARE,
+    '--steps',
+    7,
+    '--variants',
+    'reglu',
+    '--curve-windows',
+    0,
+    '--out',
+    tmp_path,
+    *TINY_LM,
+  )
+  assert proc.returncode == 0, proc.stderr
+  curve = json.loads((tmp_path / 'results.json').read_text())['runs'][0][
+    'curve'
+  ]
+  assert curve['val_is_estimate'] == [False, False]
+  assert curve['val_bpc'][-1] == run0['val_bpc']  # same seed, same run
 
 
 def test_glu_variants_builtin_corpus(tmp_path):
@@ -181,22 +254,84 @@ def test_glu_variants_bad_arguments(tmp_path, make_args, fragments):
 
 
 def test_charlm_is_deterministic():
-  sys.path.insert(0, EXAMPLES)
-  try:
-    import charlm
-  finally:
-    sys.path.remove(EXAMPLES)
-  corpus = charlm.load_corpus(None, seq_len=16)
-  model_cfg = charlm.ModelConfig(len(corpus.vocab), 16, 1, 2, 16)
-  train_cfg = charlm.TrainConfig(steps=4, batch_size=4, eval_every=2)
+  data, model, train = import_examples(
+    'charlm.data', 'charlm.model', 'charlm.train'
+  )
+  corpus = data.load_corpus(None, seq_len=16)
+  model_cfg = model.ModelConfig(len(corpus.vocab), 16, 1, 2, 16)
+  train_cfg = train.TrainConfig(steps=4, batch_size=4, eval_every=2)
   a, b = (
-    charlm.fit(corpus, model_cfg, train_cfg, 'swiglu', 7, progress=False)
+    train.fit(corpus, model_cfg, train_cfg, 'swiglu', 7, progress=False)
     for _ in range(2)
   )
   assert a['train_loss_per_step'] == b['train_loss_per_step']
   assert a['val_bpc'] == b['val_bpc']
-  c = charlm.fit(corpus, model_cfg, train_cfg, 'swiglu', 8, progress=False)
+  c = train.fit(corpus, model_cfg, train_cfg, 'swiglu', 8, progress=False)
   assert c['train_loss_per_step'] != a['train_loss_per_step']
+
+
+def test_validation_covers_the_whole_split():
+  import jax.numpy as jnp
+  import numpy as np
+
+  data, validation = import_examples('charlm.data', 'charlm.validation')
+  ids = np.arange(1000, dtype=np.int32)
+  windows = data.eval_windows(ids, 10)
+  assert windows.shape == (99, 11)
+  np.testing.assert_array_equal(windows[:, 1:].ravel(), ids[1:991])
+  # The curve's sample runs from the first window to the last.
+  sample = data.spread_sample(windows, 5)
+  assert [int(w[0]) for w in sample] == [0, 240, 490, 740, 980]
+  assert data.spread_sample(windows, 0) is windows
+  # Padding repeats windows, but every window counts exactly once: the
+  # loss equals the plain mean over all windows, for any batch size.
+  score = lambda params, batch: jnp.asarray(batch[:, 0] % 7, jnp.float32)
+  expected = float(np.mean(windows[:, 0] % 7)) / math.log(2)
+  for batch_size in (1, 8, 16, 200):
+    v = validation.Validator(
+      ids, 10, batch_size=batch_size, curve_windows=5, put=jnp.asarray
+    )
+    assert v.estimate and (v.windows, v.sample_windows) == (99, 5)
+    assert math.isclose(v.whole_split(score, None), expected, rel_tol=1e-6)
+  v = validation.Validator(
+    ids, 10, batch_size=8, curve_windows=0, put=jnp.asarray
+  )
+  assert not v.estimate
+  assert v.curve_point(score, None) == v.whole_split(score, None)
+
+
+def test_flags_come_from_the_config_dataclasses():
+  import argparse
+  import dataclasses
+
+  _cli, flags, model, train = import_examples(
+    '_cli', 'charlm.flags', 'charlm.model', 'charlm.train'
+  )
+  p = argparse.ArgumentParser()
+  flags.add_common_flags(p)
+  args = p.parse_args([])
+  assert _cli.from_args(train.TrainConfig, args) == train.TrainConfig()
+  assert _cli.from_args(
+    model.ModelConfig, args, vocab_size=65
+  ) == model.ModelConfig(vocab_size=65)
+  # Every option field has a flag; vocab_size comes from the corpus.
+  fields = [
+    f.name
+    for cls in (model.ModelConfig, train.TrainConfig)
+    for f in dataclasses.fields(cls)
+  ]
+  assert sorted(n for n in fields if n in vars(args)) == sorted(
+    n for n in fields if n != 'vocab_size'
+  )
+  args = p.parse_args(['--steps', '7', '--warmup', '0', '--lr', '0.01'])
+  cfg = _cli.from_args(train.TrainConfig, args)
+  assert (cfg.steps, cfg.warmup, cfg.lr) == (7, 0, 0.01)
+  # A script may replace a default (sharded_training: 100 steps).
+  p = argparse.ArgumentParser()
+  flags.add_common_flags(p, steps=100)
+  assert p.parse_args([]).steps == 100
+  with pytest.raises(TypeError, match='no flag'):
+    flags.add_common_flags(argparse.ArgumentParser(), stpes=100)
 
 
 # ---------------------------------------------------------------------------
@@ -280,6 +415,10 @@ def test_sharded_training_matches_single_device(tmp_path):
   specs = result['param_specs']
   assert specs['blocks/0/ffn/gate_proj/kernel/value'] == "P('data', 'model')"
   assert specs['blocks/0/ffn/down_proj/kernel/value'] == "P('model', 'data')"
+  for name in ('sharded', 'single_device'):
+    run0 = result[name]
+    assert run0['curve']['val_bpc'][-1] == run0['val_bpc']
+    assert run0['curve']['val_is_estimate'][-1] is False
   assert_png(tmp_path / 'loss.png')
 
 
