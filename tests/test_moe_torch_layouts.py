@@ -512,6 +512,7 @@ def test_unknown_layout_names_the_closest():
     ('deepseek_v3', 'per_expert', 'shared_experts.up_proj.weight'),
     ('deepseek_v3', 'stacked', 'gate.e_score_correction_bias'),
     ('olmoe', 'stacked', 'gate.weight'),
+    ('mixtral', 'per_expert', 'gate.weight'),
   ],
 )
 def test_missing_key_is_named(name, key_format, key):
@@ -522,6 +523,8 @@ def test_missing_key_is_named(name, key_format, key):
   with pytest.raises(ValueError, match='missing key') as info:
     _parse(name, key_format, sd)
   assert repr(prefix + key) in str(info.value)
+  # Only what is missing is named, not the keys of the other format.
+  assert 'gate_up_proj' not in str(info.value).split('It has keys')[0]
 
 
 def test_missing_last_expert_means_a_router_mismatch():

@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -72,6 +73,7 @@ class Reader:
     keys = [str(k) for k in state_dict]
     self.local = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
     self.used: set[str] = set()
+    self._arrays: dict[str, np.ndarray] = {}
 
   def shown(self, key: str) -> str:
     return self.prefix + key
@@ -87,10 +89,11 @@ class Reader:
         f' {self.shown(key)!r}.'
       )
     self.used.add(key)
-    arr = as_numpy(self.state_dict[self.local[key]], self.shown(key))
-    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype not in (
-      np.dtype(ml_dtypes.bfloat16),
-    ):
+    if key not in self._arrays:
+      value = self.state_dict[self.local[key]]
+      self._arrays[key] = as_numpy(value, self.shown(key))
+    arr = self._arrays[key]
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
       raise ValueError(
         f'state_dict[{self.shown(key)!r}] must be floating point; got dtype'
         f' {arr.dtype.name}.'

@@ -123,13 +123,16 @@ def _experts(reader: arrays_lib.Reader, spec: MoELayout):
   indices = arrays_lib.expert_indices(reader)
   router_key = f'{spec.router_key}.weight'
   if not reader.has(router_key) or not (stacked or indices):
-    want = [router_key, 'experts.gate_up_proj', 'experts.down_proj']
+    want, alternative = [router_key], ''
+    if not (stacked or indices):
+      want += ['experts.gate_up_proj', 'experts.down_proj']
+      first = f'experts.0.{spec.expert_names[0]}.weight'
+      alternative = f' (or per-expert keys {reader.shown(first)!r}, ...)'
     missing = [reader.shown(k) for k in want if not reader.has(k)]
     raise ValueError(
       f'state dict for layout {reader.layout!r} is missing key(s)'
-      f' {arrays_lib.describe(missing)} (or per-expert keys'
-      f' {reader.shown("experts.0." + spec.expert_names[0] + ".weight")!r},'
-      f' ...).{arrays_lib.missing_hint(reader, spec.router_key)} It has keys'
+      f' {arrays_lib.describe(missing)}{alternative}.'
+      f'{arrays_lib.missing_hint(reader, spec.router_key)} It has keys'
       f' {arrays_lib.describe([str(k) for k in reader.state_dict])}.'
     )
   if stacked and indices:
