@@ -14,12 +14,12 @@ from flaxact._src.exponential import celu as celu
 from flaxact._src.exponential import elu as elu
 from flaxact._src.exponential import selu as selu
 from flaxact._src.gated import bilinear as bilinear
-from flaxact._src.gated import gated_product as gated_product
 from flaxact._src.gated import geglu as geglu
 from flaxact._src.gated import geglu_tanh as geglu_tanh
 from flaxact._src.gated import glu as glu
 from flaxact._src.gated import reglu as reglu
 from flaxact._src.gated import swiglu as swiglu
+from flaxact._src.gated_product import gated_product as gated_product
 from flaxact._src.gelu import gelu as gelu
 from flaxact._src.gelu import gelu_tanh as gelu_tanh
 from flaxact._src.hf_extra import gelu_10 as gelu_10

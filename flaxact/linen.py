@@ -7,7 +7,6 @@ exact ``gelu`` and ``relu``. Layers are called as
 map the layers' parameter axis names onto a device mesh.
 """
 
-from flaxact._src.ffn_common import CHECKPOINT_NAMES as CHECKPOINT_NAMES
 from flaxact._src.linen_activations import PReLU as PReLU
 from flaxact._src.linen_activations import Swish as Swish
 from flaxact._src.linen_layers import FFN as FFN
@@ -16,6 +15,7 @@ from flaxact._src.linen_layers import GeGLU as GeGLU
 from flaxact._src.linen_layers import ReGLU as ReGLU
 from flaxact._src.linen_layers import SwiGLU as SwiGLU
 from flaxact._src.linen_torch import from_torch as from_torch
+from flaxact._src.remat import CHECKPOINT_NAMES as CHECKPOINT_NAMES
 from flaxact._src.sharding import FSDP_RULES as FSDP_RULES
 from flaxact._src.sharding import (
   FSDP_TENSOR_PARALLEL_RULES as FSDP_TENSOR_PARALLEL_RULES,

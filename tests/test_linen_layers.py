@@ -13,7 +13,7 @@ from jax.test_util import check_grads
 
 import flaxact
 from flaxact import linen as fl
-from flaxact._src import ffn_common
+from flaxact._src.remat import CHECKPOINT_NAMES
 from tests.helpers import GRAD_TOL, tol
 from tests.layer_helpers import checkpoint_names, residuals_of_shape
 
@@ -301,7 +301,7 @@ class TestOptions:
   def test_checkpoint_names_are_in_the_jaxpr(self, remat):
     x = _x()
     for layer, names in (
-      (fl.SwiGLU(H, remat=remat), set(ffn_common.CHECKPOINT_NAMES)),
+      (fl.SwiGLU(H, remat=remat), set(CHECKPOINT_NAMES)),
       (fl.FFN(H, remat=remat), {'ffn_up', 'ffn_hidden', 'ffn_out'}),
     ):
       v = layer.init(_key(), x)
@@ -395,9 +395,13 @@ class TestErrors:
     with pytest.raises(ValueError, match='element-wise; got the split-form'):
       fl.FFN(H, activation='swiglu')
 
-  def test_fixed_activation(self):
-    with pytest.raises(ValueError, match="SwiGLU fixes activation='silu'"):
-      fl.SwiGLU(H, activation='relu')
+  @pytest.mark.parametrize(
+    'cls, fixed', [(fl.SwiGLU, 'silu'), (fl.GeGLU, 'gelu'), (fl.ReGLU, 'relu')]
+  )
+  def test_fixed_activation(self, cls, fixed):
+    # The same exception type as the NNX presets (TypeError).
+    with pytest.raises(TypeError, match=f"fixes activation='{fixed}'"):
+      cls(H, activation='tanh')
 
   def test_activation_not_callable(self):
     with pytest.raises(TypeError, match='registry name or a callable; got 3'):
@@ -422,9 +426,17 @@ class TestErrors:
     layer = fl.SwiGLU(H)
     v = layer.init(_key(), _x())
     with pytest.raises(
-      Exception, match=r'\(12, 20\).*\(7, 20\)|\(7, 20\).*\(12, 20\)'
+      ValueError,
+      match=r'SwiGLU: expected input of shape \(\.\.\., 12\).*got shape'
+      r' \(2, 7\)',
     ):
       layer.apply(v, _x((2, 7)))
+
+  def test_wrong_feature_size_after_init_fused_and_ffn(self):
+    for layer in (fl.GatedFFN(H, fused_gate_up=True), fl.FFN(H)):
+      v = layer.init(_key(), _x())
+      with pytest.raises(ValueError, match=r'expected input of shape'):
+        layer.apply(v, _x((2, 7)))
 
 
 EXPECTED_NAMES = {
@@ -457,3 +469,23 @@ class TestPublicAPI:
     doc = getattr(fl, name).__doc__ or ''
     assert 'Examples:' in doc and '>>>' in doc, name
     assert 'Args:' in doc or 'Attributes:' in doc, name
+
+
+class TestRepr:
+  def test_activation_by_name_and_no_dropout_noise(self):
+    text = repr(fl.GatedFFN(H, activation=flaxact.gelu_tanh))
+    assert text.startswith('GatedFFN(hidden_features=20, out_features=None,')
+    assert "activation='gelu_tanh'" in text
+    assert '<function' not in text
+    assert 'deterministic' not in text
+    assert 'dropout_broadcast_dims' not in text
+
+  def test_dropout_options_shown_when_used(self):
+    text = repr(fl.FFN(H, dropout_rate=0.1, deterministic=True))
+    assert 'dropout_rate=0.1' in text
+    assert 'deterministic=True' in text
+    assert "activation='gelu'" in text
+
+  def test_partial_activation(self):
+    act = flaxact.get_activation('leaky_relu', negative_slope=0.2)
+    assert "'leaky_relu'(negative_slope=0.2)" in repr(fl.FFN(H, activation=act))

@@ -12,7 +12,7 @@ from flax import nnx
 
 from flaxact import linen as fl
 from flaxact import nnx as fx
-from flaxact._src import ffn_common
+from flaxact._src.remat import CHECKPOINT_NAMES
 from tests.helpers import tol
 from tests.layer_helpers import checkpoint_names, residuals_of_shape
 
@@ -202,7 +202,7 @@ class TestTransforms:
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(
       state, _x()
     ).jaxpr
-    assert checkpoint_names(jaxpr) == set(ffn_common.CHECKPOINT_NAMES)
+    assert checkpoint_names(jaxpr) == set(CHECKPOINT_NAMES)
 
   def test_dot_general_hook(self):
     calls = []
@@ -276,9 +276,12 @@ class TestErrors:
     with pytest.raises(ValueError, match="unknown activation 'gelu2'"):
       fx.FFN(D, H, activation='gelu2', rngs=nnx.Rngs(0))
 
-  def test_fixed_activation(self):
-    with pytest.raises(TypeError, match='SwiGLU fixes its activation'):
-      fx.SwiGLU(D, H, activation='relu', rngs=nnx.Rngs(0))
+  @pytest.mark.parametrize('cls', [fx.SwiGLU, fx.GeGLU, fx.ReGLU])
+  def test_fixed_activation(self, cls):
+    # The same exception type as the Linen presets (TypeError): the presets'
+    # signatures have no activation argument.
+    with pytest.raises(TypeError, match="unexpected keyword argument 'act"):
+      cls(D, H, activation='tanh', rngs=nnx.Rngs(0))  # type: ignore[call-arg]
 
   @pytest.mark.parametrize('arg', ['in_features', 'hidden_features'])
   def test_bad_features(self, arg):
@@ -317,3 +320,22 @@ class TestPublicAPI:
     doc = getattr(fx, name).__doc__ or ''
     assert 'Examples:' in doc and '>>>' in doc, name
     assert 'Args:' in doc or 'Attributes:' in doc, name
+
+
+class TestRepr:
+  def test_activation_by_name_and_no_dropout_noise(self):
+    text = repr(fx.GatedFFN(D, H, activation='gelu_new', rngs=nnx.Rngs(0)))
+    assert "activation='gelu_tanh'" in text
+    assert '<function' not in text
+    assert 'deterministic' not in text
+    assert 'dropout_broadcast_dims' not in text
+
+  def test_dropout_options_shown_when_used(self):
+    text = repr(fx.FFN(D, H, dropout_rate=0.1, rngs=nnx.Rngs(0)))
+    assert 'dropout_rate=0.1' in text
+    assert 'deterministic=False' in text
+    assert "activation='gelu'" in text
+
+  def test_learnable_activation_keeps_its_module_repr(self):
+    layer = fx.GatedFFN(D, H, activation=fx.PReLU(), rngs=nnx.Rngs(0))
+    assert 'activation=PReLU(' in repr(layer)

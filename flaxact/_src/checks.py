@@ -10,7 +10,8 @@ within one unit in the last place of the correctly rounded value.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -153,3 +154,112 @@ def normalise_choice(
       f' {", ".join(map(repr, choices))}.'
     )
   return key
+
+
+def check_positive_int(value: Any, name: str, owner: str | None = None) -> int:
+  """Returns ``value`` as ``int`` if it is a positive integer, else raises.
+
+  The one positive-integer check of flaxact: layer widths, the hidden-width
+  rule's arguments and the learnable activations' ``num_parameters``.
+
+  Args:
+    value: the value given.
+    name: the argument's name, for the message.
+    owner: the layer or function the argument belongs to, for the message.
+
+  Returns:
+    ``value`` as a Python ``int``.
+
+  Raises:
+    ValueError: if ``value`` is not an integer (``bool`` included) or is not
+      positive.
+
+  Examples:
+    >>> check_positive_int(3, 'hidden_features')
+    3
+    >>> check_positive_int(0, 'hidden_features', 'SwiGLU')
+    Traceback (most recent call last):
+      ...
+    ValueError: SwiGLU: hidden_features must be a positive integer; got 0.
+  """
+  prefix = f'{owner}: ' if owner else ''
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(
+      f'{prefix}{name} must be a positive integer; got {value!r}'
+      f' ({type(value).__name__}).'
+    )
+  if value <= 0:
+    raise ValueError(f'{prefix}{name} must be a positive integer; got {value}.')
+  return int(value)
+
+
+def check_dropout(
+  rate: Any, broadcast_dims: Sequence[int], owner: str
+) -> tuple[float, tuple[int, ...]]:
+  """Checks a dropout rate in ``[0, 1]`` and integer broadcast dimensions.
+
+  Args:
+    rate: the dropout rate given.
+    broadcast_dims: the dimensions one dropout mask is shared over.
+    owner: the layer's name, for the message.
+
+  Returns:
+    ``(float(rate), tuple(broadcast_dims))``.
+
+  Raises:
+    ValueError: if ``rate`` is not a number in ``[0, 1]`` or a dimension is
+      not an integer.
+  """
+  if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+    raise ValueError(
+      f'{owner}: dropout_rate must be a number in [0, 1]; got {rate!r}.'
+    )
+  if not 0.0 <= float(rate) <= 1.0:
+    raise ValueError(f'{owner}: dropout_rate must be in [0, 1]; got {rate}.')
+  dims = tuple(broadcast_dims)
+  if any(
+    isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in dims
+  ):
+    raise ValueError(
+      f'{owner}: dropout_broadcast_dims must be a sequence of ints; got'
+      f' {dims!r}.'
+    )
+  return float(rate), dims
+
+
+def check_layer_input(
+  x: Any, owner: str, in_features: int | None = None
+) -> Array:
+  """Checks a layer input: floating dtype, rank >= 1, last-axis size.
+
+  Args:
+    x: the layer input, shape ``(..., in_features)``.
+    owner: the layer's name, for the message.
+    in_features: the expected size of the last axis, when known.
+
+  Returns:
+    ``x`` as a floating-point JAX array.
+
+  Raises:
+    TypeError: if ``x`` is not floating point.
+    ValueError: if ``x`` is a scalar or its last axis is not ``in_features``.
+  """
+  dtype = getattr(x, 'dtype', None)
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+      f'{owner}: expected a floating-point input (float32, bfloat16, float16'
+      f' or float64); got dtype {np.dtype(dtype).name}. Cast it first, e.g.'
+      ' x.astype(jnp.float32).'
+    )
+  x = as_float_array(x, f'{owner} input')
+  if x.ndim < 1:
+    raise ValueError(
+      f'{owner}: input must have shape (..., features); got a scalar.'
+    )
+  if in_features is not None and x.shape[-1] != in_features:
+    raise ValueError(
+      f'{owner}: expected input of shape (..., {in_features}) (in_features='
+      f'{in_features}); got shape {tuple(x.shape)} with last dimension'
+      f' {x.shape[-1]}.'
+    )
+  return x

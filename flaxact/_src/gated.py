@@ -5,7 +5,10 @@ Split-form functions take one pre-projected array ``x`` of shape
 ``a * act(b)``: **value first, gate second**, the order of ``jax.nn.glu`` and
 ``torch.nn.functional.glu``. The two-array form, :func:`gated_product`,
 computes ``act(gate) * up`` for the separate projections that the FFN layers
-use (LLaMA's ``act(gate_proj(x)) * up_proj(x)``).
+use (LLaMA's ``act(gate_proj(x)) * up_proj(x)``), lives in
+:mod:`flaxact._src.gated_product`, which resolves activation names through
+the registry (the registry imports this module, so this module never imports
+the registry).
 
 Both have a hand-written derivative that keeps two hidden-sized residuals,
 ``act'(gate) * up`` and ``act(gate)``, where plain autodiff of
@@ -23,7 +26,6 @@ import jax.numpy as jnp
 
 from flaxact._src.checks import (
   as_float_array,
-  check_same_shape,
   compute_dtype,
   split_halves,
 )
@@ -52,81 +54,21 @@ def _linear(x: Array) -> Array:
   return x
 
 
-def _apply_gated(act, gate: Array, up: Array) -> Array:
+def apply_gated(act: Callable[[Array], Array], gate: Array, up: Array) -> Array:
+  """``act(gate) * up`` in the compute dtype, with the two-residual derivative.
+
+  The core of :func:`flaxact.gated_product` and the split-form functions:
+  half-precision inputs are computed in float32 and rounded once.
+  """
   dtype = gate.dtype
   ctype = compute_dtype(dtype)
   return _gated(act, gate.astype(ctype), up.astype(ctype)).astype(dtype)
 
 
-def _resolve(activation: str | Callable[[Array], Array]):
-  if callable(activation):
-    return activation
-  # Imported here because the registry imports this module.
-  from flaxact._src.registry import get_activation
-
-  return get_activation(activation)
-
-
-def gated_product(
-  gate: Any,
-  up: Any,
-  activation: str | Callable[[Array], Array] = 'silu',
-) -> Array:
-  r"""The gated product of a gated FFN, ``activation(gate) * up``.
-
-  .. math::
-    \mathrm{gated\_product}(g, u) = \mathrm{act}(g) \odot u
-
-  The backward pass keeps two hidden-sized residuals (``act'(gate) * up`` and
-  ``act(gate)``) instead of the five that autodiff of ``silu(gate) * up``
-  keeps. Forward mode (``jax.jvp``), ``grad`` of ``grad``, ``vmap`` and
-  ``jit`` all work. Half-precision inputs are computed in float32 and rounded
-  once.
-
-  Args:
-    gate: gate pre-activation, shape ``(..., d)``, floating dtype.
-    up: value ("up") projection, the same shape and dtype as ``gate``.
-    activation: a registry name (``'silu'``, ``'gelu'``, ``'relu'``, ...) or
-      an element-wise callable without parameters of its own. For activations
-      with learnable parameters multiply directly instead.
-
-  Returns:
-    ``activation(gate) * up``, shape ``(..., d)``, the dtype of the inputs.
-
-  Raises:
-    ValueError: if ``gate`` and ``up`` have different shapes, or the name is
-      not registered.
-    TypeError: if the inputs are not floating point or their dtypes differ.
-
-  Examples:
-    >>> import jax.numpy as jnp, flaxact
-    >>> gate = jnp.array([0.0, 1.0, -30.0])
-    >>> up = jnp.array([2.0, 2.0, 2.0])
-    >>> flaxact.gated_product(gate, up, 'relu')
-    Array([0., 2., 0.], dtype=float32)
-
-  References:
-    Shazeer, "GLU Variants Improve Transformer", 2020.
-    https://arxiv.org/abs/2002.05202
-
-  See also:
-    :func:`swiglu` and the other split-form functions.
-  """
-  gate = as_float_array(gate, 'gate')
-  up = as_float_array(up, 'up')
-  check_same_shape(gate, up)
-  if gate.dtype != up.dtype:
-    raise TypeError(
-      f'gate and up must have the same dtype; got gate {gate.dtype.name} and'
-      f' up {up.dtype.name}.'
-    )
-  return _apply_gated(_resolve(activation), gate, up)
-
-
 def _split_gated(act, x: Any, axis: int) -> Array:
   x = as_float_array(x)
   value, gate = split_halves(x, axis)
-  return _apply_gated(act, gate, value)
+  return apply_gated(act, gate, value)
 
 
 def glu(x: Any, axis: int = -1) -> Array:

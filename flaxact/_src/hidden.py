@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import numbers
 
-
-def _check_positive_int(name: str, value: object) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(
-      f'{name} must be a positive integer; got {value!r}'
-      f' ({type(value).__name__}).'
-    )
-  if value <= 0:
-    raise ValueError(f'{name} must be a positive integer; got {value}.')
-  return int(value)
+from flaxact._src.checks import check_positive_int
 
 
 def ffn_hidden_features(
@@ -62,9 +53,9 @@ def ffn_hidden_features(
     Touvron et al., "LLaMA: Open and Efficient Foundation Language Models",
     2023. https://arxiv.org/abs/2302.13971
   """
-  features = _check_positive_int('features', features)
-  multiplier = _check_positive_int('multiplier', multiplier)
-  multiple_of = _check_positive_int('multiple_of', multiple_of)
+  features = check_positive_int(features, 'features')
+  multiplier = check_positive_int(multiplier, 'multiplier')
+  multiple_of = check_positive_int(multiple_of, 'multiple_of')
   hidden = multiplier * features
   if gated:
     hidden = int(2 * hidden / 3)

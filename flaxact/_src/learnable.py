@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
@@ -13,26 +12,12 @@ from flaxact._src.checks import as_float_array
 Array = jax.Array
 
 
-def check_num_parameters(value: Any, layer: str) -> int:
-  """Returns ``value`` if it is a positive integer, else raises ValueError."""
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, numbers.Integral)
-    or value <= 0
-  ):
-    raise ValueError(
-      f'{layer}: num_parameters must be a positive integer (1 for a shared'
-      f' parameter, else the number of channels); got {value!r}.'
-    )
-  return int(value)
-
-
 def param_shape(num_parameters: int) -> tuple[int, ...]:
   """``()`` for a shared parameter, else ``(num_parameters,)``."""
   return () if num_parameters == 1 else (num_parameters,)
 
 
-def check_input(x: Any, num_parameters: int, layer: str) -> Array:
+def check_channel_input(x: Any, num_parameters: int, layer: str) -> Array:
   """Checks the input: floating dtype; last axis ``num_parameters`` if > 1."""
   x = as_float_array(x)
   if num_parameters > 1 and (x.ndim == 0 or x.shape[-1] != num_parameters):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxact._src import learnable
+from flaxact._src.checks import check_positive_int
 from flaxact._src.piecewise import leaky_relu
 from flaxact._src.swish import swish
 
@@ -63,7 +64,7 @@ class PReLU(nn.Module):
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    learnable.check_num_parameters(self.num_parameters, 'PReLU')
+    check_positive_int(self.num_parameters, 'num_parameters', 'PReLU')
     super().__post_init__()
 
   @nn.compact
@@ -80,7 +81,7 @@ class PReLU(nn.Module):
     Raises:
       ValueError: if the last axis does not match ``num_parameters``.
     """
-    x = learnable.check_input(x, self.num_parameters, 'PReLU')
+    x = learnable.check_channel_input(x, self.num_parameters, 'PReLU')
     slope = self.param(
       'negative_slope',
       nn.initializers.constant(self.negative_slope_init),
@@ -123,7 +124,7 @@ class Swish(nn.Module):
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    learnable.check_num_parameters(self.num_parameters, 'Swish')
+    check_positive_int(self.num_parameters, 'num_parameters', 'Swish')
     super().__post_init__()
 
   @nn.compact
@@ -140,7 +141,7 @@ class Swish(nn.Module):
     Raises:
       ValueError: if the last axis does not match ``num_parameters``.
     """
-    x = learnable.check_input(x, self.num_parameters, 'Swish')
+    x = learnable.check_channel_input(x, self.num_parameters, 'Swish')
     beta = self.param(
       'beta',
       nn.initializers.constant(self.beta_init),

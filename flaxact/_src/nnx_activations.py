@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxact._src import learnable
+from flaxact._src.checks import check_positive_int
 from flaxact._src.piecewise import leaky_relu
 from flaxact._src.swish import swish
 
@@ -61,8 +62,8 @@ class PReLU(nnx.Module):
     negative_slope_init: float = 0.25,
     param_dtype: Any = jnp.float32,
   ):
-    self.num_parameters = learnable.check_num_parameters(
-      num_parameters, 'PReLU'
+    self.num_parameters = check_positive_int(
+      num_parameters, 'num_parameters', 'PReLU'
     )
     self.negative_slope = nnx.Param(
       jnp.full(
@@ -85,7 +86,7 @@ class PReLU(nnx.Module):
     Raises:
       ValueError: if the last axis does not match ``num_parameters``.
     """
-    x = learnable.check_input(x, self.num_parameters, 'PReLU')
+    x = learnable.check_channel_input(x, self.num_parameters, 'PReLU')
     return leaky_relu(x, learnable.broadcast(self.negative_slope[...], x))
 
 
@@ -122,8 +123,8 @@ class Swish(nnx.Module):
     beta_init: float = 1.0,
     param_dtype: Any = jnp.float32,
   ):
-    self.num_parameters = learnable.check_num_parameters(
-      num_parameters, 'Swish'
+    self.num_parameters = check_positive_int(
+      num_parameters, 'num_parameters', 'Swish'
     )
     self.beta = nnx.Param(
       jnp.full(
@@ -144,5 +145,5 @@ class Swish(nnx.Module):
     Raises:
       ValueError: if the last axis does not match ``num_parameters``.
     """
-    x = learnable.check_input(x, self.num_parameters, 'Swish')
+    x = learnable.check_channel_input(x, self.num_parameters, 'Swish')
     return swish(x, learnable.broadcast(self.beta[...], x))

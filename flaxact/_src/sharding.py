@@ -44,8 +44,6 @@ from typing import Any
 import jax
 from flax.linen import spmd
 
-from flaxact._src.ffn_common import hidden_shape_names
-
 Array = jax.Array
 
 #: Logical name of the model width (the layer's input and output features).
@@ -70,6 +68,13 @@ OUT_KERNEL_AXES = (MLP, EMBED)
 #: Bias axes of ``down_proj``.
 OUT_BIAS_AXES = (EMBED,)
 
+#: ``(kernel axes, bias axes)`` of ``gate_proj`` and ``up_proj``.
+IN_PROJ_AXES = (IN_KERNEL_AXES, IN_BIAS_AXES)
+#: ``(kernel axes, bias axes)`` of the fused ``gate_up_proj``.
+FUSED_PROJ_AXES = (FUSED_KERNEL_AXES, FUSED_BIAS_AXES)
+#: ``(kernel axes, bias axes)`` of ``down_proj``.
+OUT_PROJ_AXES = (OUT_KERNEL_AXES, OUT_BIAS_AXES)
+
 #: Tensor parallelism: ``mlp`` over ``'model'``, ``batch`` over ``'data'``.
 TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
   (BATCH, 'data'),
@@ -91,6 +96,15 @@ FSDP_TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
   (MLP, 'model'),
   (LAYERS, None),
 )
+
+
+def hidden_shape_names(h: Array) -> tuple[Any, ...]:
+  """The logical axis names of a hidden activation: ``(..., 'mlp')``.
+
+  Leading axes are left unconstrained, so batch sharding propagates.
+  """
+  unconstrained = jax.sharding.PartitionSpec.UNCONSTRAINED
+  return (unconstrained,) * (h.ndim - 1) + (MLP,)
 
 
 def constrain_hidden(h: Array) -> Array:
