@@ -42,6 +42,7 @@ from flaxact._src.swish import mish as mish
 from flaxact._src.swish import quick_gelu as quick_gelu
 from flaxact._src.swish import silu as silu
 from flaxact._src.swish import swish as swish
+from flaxact._src.xielu import xielu as xielu
 
 try:
   __version__ = _metadata.version('flaxact')
@@ -81,4 +82,5 @@ __all__ = [
   'swiglu',
   'swish',
   'tanh',
+  'xielu',
 ]

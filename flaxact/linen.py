@@ -15,6 +15,7 @@ from flaxact._src.linen_layers import GeGLU as GeGLU
 from flaxact._src.linen_layers import ReGLU as ReGLU
 from flaxact._src.linen_layers import SwiGLU as SwiGLU
 from flaxact._src.linen_torch import from_torch as from_torch
+from flaxact._src.linen_xielu import XIELU as XIELU
 from flaxact._src.remat import CHECKPOINT_NAMES as CHECKPOINT_NAMES
 from flaxact._src.sharding import FSDP_RULES as FSDP_RULES
 from flaxact._src.sharding import (
@@ -34,5 +35,6 @@ __all__ = [
   'ReGLU',
   'SwiGLU',
   'Swish',
+  'XIELU',
   'from_torch',
 ]

@@ -1,6 +1,6 @@
 """Loading a PyTorch FFN's weights into a Flax NNX layer: ``from_torch``.
 
-The state dict is read and checked by :mod:`flaxact._src.torch_import`
+The state dict is read and checked by :mod:`flaxact._src.torch_build`
 (framework-neutral, no torch import); this module builds the NNX layer.
 """
 
@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxact._src import torch_import
 from flaxact._src.nnx_layers import FFN, GatedFFN
+from flaxact._src.torch_build import prepare
 
 # Set by from_torch from the state dict; passing them is an error.
 _FIXED = ('in_features', 'hidden_features', 'out_features', 'use_bias',
@@ -40,43 +40,28 @@ def from_torch(
 ) -> FFN | GatedFFN:
   """Builds an NNX FFN layer with the weights of a PyTorch state dict.
 
-  A gated layout (``llama``, ``t5_gated``, ``phi3``) gives a
-  :class:`GatedFFN`, the others (``t5``, ``gpt2``, ``bert``) an
-  :class:`FFN`. Linear weights, stored ``(out, in)`` by PyTorch, are
-  transposed to Flax's ``(in, out)``; GPT-2's ``Conv1D`` weights are already
-  ``(in, out)``. torch is never imported: values may be torch tensors (read
-  with ``.detach().cpu().numpy()``; bfloat16 and float8 are kept), numpy or
-  JAX arrays.
-
-  ==============  ==========================================  ===============
-  layout          keys                                        activation
-  ==============  ==========================================  ===============
-  ``'llama'``     ``gate_proj.weight``, ``up_proj.weight``,   ``'silu'``
-                  ``down_proj.weight``; optional ``.bias`` on
-                  all three (``mlp_bias``)
-  ``'t5'``        ``wi.weight``, ``wo.weight``                ``'relu'``
-  ``'t5_gated'``  ``wi_0.weight`` (gate), ``wi_1.weight``     ``'gelu_tanh'``
-                  (up), ``wo.weight``
-  ``'gpt2'``      ``c_fc.weight``, ``c_fc.bias``,             ``'gelu_tanh'``
-                  ``c_proj.weight``, ``c_proj.bias``
-  ``'bert'``      ``intermediate.dense.weight``/``.bias``,    ``'gelu'``
-                  ``output.dense.weight``/``.bias``           (exact)
-  ``'phi3'``      ``gate_up_proj.weight`` (gate rows first,   ``'silu'``
-                  then up), ``down_proj.weight``
-  ==============  ==========================================  ===============
-
-  Mistral, Qwen2 and Gemma use the ``'llama'`` keys; pass their activation
-  (Gemma: ``activation='gelu_pytorch_tanh'``). The ``'bert'`` layout is
-  ``BertIntermediate`` plus ``BertOutput.dense``: the residual sum and
-  ``output.LayerNorm`` that follow are not part of the FFN, and the
-  ``output.LayerNorm.*`` keys are accepted and not loaded.
+  A gated layout gives a :class:`GatedFFN`, the others an :class:`FFN`.
+  Weights are read in the layout's orientation (``torch.nn.Linear``
+  ``(out, in)`` is transposed to Flax's ``(in, out)``; GPT-2's ``Conv1D`` is
+  already ``(in, out)``) and checked against each other: a mismatch that the
+  opposite orientation would fit says the weights look transposed. torch is
+  never imported: values may be torch tensors (read with
+  ``.detach().cpu().numpy()``; bfloat16 and float8 are kept), numpy or JAX
+  arrays.
 
   Args:
     state_dict: the PyTorch FFN module's ``state_dict()``, or a larger one
       (a whole model's) together with ``prefix``.
-    layout: the source architecture, one of the names above.
-    activation: a registry name (Hugging Face names such as ``'gelu_new'``
-      keep their meaning) or a function; ``None`` uses the layout's.
+    layout: the source architecture: ``'llama'`` (``'mistral'``,
+      ``'qwen2'``, ``'qwen3'`` and ``'gemma'`` read the same keys with their
+      own default activation), ``'t5'``, ``'t5_gated'``, ``'gpt2'``,
+      ``'starcoder2'``, ``'bert'`` or ``'phi3'``. The keys, orientation and
+      default activation of each are tabled in the README (section "Loading
+      PyTorch weights") and in :mod:`flaxact._src.torch_layouts`.
+    activation: a registry name (Hugging Face ``config.hidden_act`` names
+      keep their meaning) or an element-wise JAX function; ``None`` uses the
+      layout's. A torch module or function is rejected with the name to
+      pass instead.
     prefix: read only the keys under this prefix, e.g.
       ``'model.layers.0.mlp.'`` in a whole model's state dict; keys outside
       it are ignored. A missing trailing ``'.'`` is added.
@@ -105,7 +90,8 @@ def from_torch(
       matrix, or shapes that do not fit together; the message names the key
       and the expected and actual shapes.
     TypeError: for a state dict that is not a mapping, a learnable activation
-      module, or a layer option the state dict determines (such as
+      module, an activation that does not run on JAX arrays (a torch
+      module), or a layer option the state dict determines (such as
       ``hidden_features`` or ``use_bias``).
 
   Examples:
@@ -127,31 +113,28 @@ def from_torch(
   See also:
     :func:`flaxact.linen.from_torch`, :class:`GatedFFN`, :class:`FFN`.
   """
-  torch_import.check_layer_kwargs(layer_kwargs, _FIXED)
-  torch_import.check_activation(activation, nnx.Module)
-  ffn = torch_import.parse_state_dict(
+  ffn, params, options = prepare(
     state_dict,
     layout=layout,
     activation=activation,
     prefix=prefix,
     strict=strict,
     param_dtype=param_dtype,
+    fused_gate_up=fused_gate_up,
+    layer_kwargs=layer_kwargs,
+    fixed=_FIXED,
+    module_type=nnx.Module,
   )
-  params = ffn.params(fused_gate_up)
-  options: dict[str, Any] = dict(
-    activation=ffn.activation,
-    use_bias=ffn.use_bias,
-    param_dtype=ffn.param_dtype,
+  cls = GatedFFN if ffn.gated else FFN
+  layer = cls(
+    ffn.in_features,
+    ffn.hidden_features,
+    ffn.out_features,
     kernel_init=_zeros,
     bias_init=_zeros,
     rngs=nnx.Rngs(params=0) if rngs is None else rngs,
-    **layer_kwargs,
+    **options,
   )
-  sizes = (ffn.in_features, ffn.hidden_features, ffn.out_features)
-  if ffn.gated:
-    layer = GatedFFN(*sizes, fused_gate_up=fused_gate_up, **options)
-  else:
-    layer = FFN(*sizes, **options)
   for proj_name, arrays in params.items():
     proj = getattr(layer, proj_name)
     for name, value in arrays.items():
