@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
       'library modules of the running Python, read from its Lib directory'
       ' (argparse.py, ast.py, ..., urllib/parse.py: STDLIB_MODULES in'
       ' examples/charlm/data.py; about 1.6 MB; no download). The default run,'
-      ' 8 variants x 300 steps, is sized to finish within 5 minutes on 2 CPU'
+      ' 8 variants x 600 steps, is sized to finish within 5 minutes on 2 CPU'
       ' cores; --steps, --variants and --seeds shorten or extend it. The'
       ' validation loss in the table is the whole validation split; the'
       ' curve points before the last are an estimate on a sample spread over'

@@ -56,7 +56,7 @@ class ModelConfig:
   d_model: int = option(128, 'model width')
   layers: int = option(2, 'transformer blocks')
   heads: int = option(4, 'attention heads')
-  seq_len: int = option(128, 'context length in characters')
+  seq_len: int = option(64, 'context length in characters')
 
 
 def hidden_features(d_model: int, gated: bool) -> int:

@@ -40,14 +40,14 @@ FINAL_TRAIN_STEPS = 100
 class TrainConfig:
   """Optimisation and evaluation settings (each is a command-line flag)."""
 
-  steps: int = option(300, 'training steps per run')
+  steps: int = option(600, 'training steps per run')
   batch_size: int = option(16, 'sequences per step')
   lr: float = option(3e-3, 'peak AdamW learning rate')
   warmup: int = option(
     50, 'linear warmup steps, then cosine decay to lr/10', minimum=0
   )
   weight_decay: float = option(0.1, 'AdamW weight decay (matrices only)')
-  eval_every: int = option(50, 'steps between points of the validation curve')
+  eval_every: int = option(100, 'steps between points of the validation curve')
   curve_windows: int = option(
     256,
     'validation windows, spread over the whole split, behind each'
