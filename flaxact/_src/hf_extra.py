@@ -55,7 +55,7 @@ _gelu_10 = with_derivative(_gelu_10_value, _gelu_10_derivative)
 # which keeps full relative accuracy where softplus itself underflows
 # (x < -104 in float32, while e^(x/2) lives down to x = -207). r = 1 - t/2
 # (error t^2/3) where t is tiny, also avoiding 0/0.
-def _sqrt_ratio(x: Array) -> tuple[Array, Array]:
+def _sqrt_ratio(x: Array) -> tuple[Array, Array, Array]:
   """``(e^(x/2), sqrt(r), t)`` at ``min(x, 0)``; see the comment above."""
   xn = jnp.minimum(x, 0)
   t = jnp.exp(xn)

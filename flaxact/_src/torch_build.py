@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxact._src.registry import ACTIVATIONS
-from flaxact._src.state_dict import TorchFFN, parse_state_dict
+from flaxact._src.state_dict import parse_state_dict
+from flaxact._src.torch_ffn import TorchFFN
 
 # Hugging Face's and PyTorch's activation modules, by class name, and the
 # name that gives the same function here.
