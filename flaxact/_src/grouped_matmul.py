@@ -128,7 +128,7 @@ class DenseOps:
     return _dot(a, b, self.precision, ((0,), (0,)))
 
   def bias(self, b):
-    return self._w(b)
+    return self._w(b)[None]
 
   def bias_grad(self, db, num_experts):
     del num_experts
@@ -181,6 +181,23 @@ def ffn_backward(ops, prod: Product, x, w, g, u, kernels, biases, dout):
   return dx, dw, d_kernels, (d_bg, d_bu, d_bd)
 
 
+def varying(a) -> frozenset:
+  """The mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
+  mat = getattr(jax.typeof(a), 'manual_axis_type', None)
+  return frozenset(getattr(mat, 'varying', ()))
+
+
+def _zeros(shape, dtype, *like):
+  """Zeros that vary over the mesh axes any of ``like`` varies over.
+
+  Inside ``shard_map`` a loop carry must keep its type; a fresh ``zeros``
+  is replicated while the values written into it vary per device.
+  """
+  z = jnp.zeros(shape, dtype)
+  vma = set().union(*(varying(a) for a in like))
+  return jax.lax.pcast(z, tuple(sorted(vma)), to='varying') if vma else z
+
+
 def _tiles(a, tile):
   return a.reshape(a.shape[0] // tile, tile, *a.shape[1:])
 
@@ -193,10 +210,11 @@ def loop_forward(prod, layout, x, w, kernels, biases, precision):
   """:func:`ffn_forward` tile by tile over the tiles in use."""
   tile = layout.tile
   r, h = x.shape[0], kernels[0].shape[-1]
+  like = (x, w, *kernels)
   bufs = (
-    jnp.zeros((r, kernels[2].shape[-1]), x.dtype),
-    jnp.zeros((r, h), x.dtype),
-    jnp.zeros((r, h), x.dtype),
+    _zeros((r, kernels[2].shape[-1]), x.dtype, *like),
+    _zeros((r, h), x.dtype, *like),
+    _zeros((r, h), x.dtype, *like),
   )
 
   def body(i, bufs):
@@ -215,10 +233,11 @@ def loop_forward(prod, layout, x, w, kernels, biases, precision):
 def loop_backward(prod, layout, x, w, g, u, kernels, biases, dout, precision):
   """:func:`ffn_backward` tile by tile, accumulating weight gradients."""
   tile = layout.tile
-  zeros = lambda a: None if a is None else jnp.zeros_like(a)
+  like = (x, w, g, dout, *kernels)
+  zeros = lambda a: None if a is None else _zeros(a.shape, a.dtype, *like)
   init = (
-    jnp.zeros_like(x),
-    jnp.zeros_like(w),
+    zeros(x),
+    zeros(w),
     tuple(map(zeros, kernels)),
     tuple(map(zeros, biases)),
   )

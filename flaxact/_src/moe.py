@@ -13,6 +13,7 @@ small ``(T, E)`` intermediates.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -25,7 +26,9 @@ import numpy as np
 from flaxact._src import grouped_matmul as gm
 from flaxact._src import moe_core
 from flaxact._src.checks import normalise_choice
+from flaxact._src.expert_parallel import expert_parallel_ffn
 from flaxact._src.gated_product import gated_product as _gated_product
+from flaxact._src.moe_core import MOE_REMAT_POLICY as MOE_REMAT_POLICY
 from flaxact._src.routing import (
   load_balancing_loss,
   router_z_loss,
@@ -102,7 +105,10 @@ def _check_shapes(x, router_kernel, kernels, biases):
     'down_kernel': ((e, h, down.shape[-1]), down.shape),
   }
   for name, b, shape in zip(
-    ('gate_bias', 'up_bias', 'down_bias'), biases, ((e, h), (e, h), None)
+    ('gate_bias', 'up_bias', 'down_bias'),
+    biases,
+    ((e, h), (e, h), None),
+    strict=True,
   ):
     if b is not None:
       want[name] = (shape or (e, down.shape[-1]), b.shape)
@@ -152,6 +158,9 @@ def moe_ffn(
   tile_size: int = DEFAULT_TILE,
   precision: Any = None,
   dot_general: Callable[..., Array] | None = None,
+  router_logits: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  expert_axis: str = 'expert',
 ) -> tuple[Array, MoEAux]:
   r"""A routed (mixture-of-experts) gated FFN of plain arrays.
 
@@ -197,6 +206,16 @@ def moe_ffn(
     tile_size: rows per tile of ``'loop'`` and ``'tiles'``.
     precision: matmul precision.
     dot_general: replaces :func:`jax.lax.dot_general` for the router.
+    router_logits: ``(..., E)`` logits computed by the caller (the layers'
+      ``router`` projection, which quantization libraries can intercept);
+      when given, ``router_kernel`` only fixes the shapes and ``router_bias``
+      and ``dot_general`` are unused.
+    mesh: with a mesh, the experts run expert-parallel: kernels split along
+      their experts axis over ``expert_axis``, tokens over every mesh axis,
+      exchanged with ``all_to_all`` (see
+      :func:`flaxact._src.expert_parallel.expert_parallel_ffn`). ``None``:
+      one device (or whatever sharding ``jit`` propagates).
+    expert_axis: the mesh axis of the experts.
 
   Returns:
     ``(y, aux)``: ``y`` of shape ``(..., d_out)`` in the dtype of ``x``, and
@@ -226,21 +245,26 @@ def moe_ffn(
     None if b is None else jnp.asarray(b)
     for b in (gate_bias, up_bias, down_bias)
   )
-  router_kernel = jnp.asarray(router_kernel)
+  if router_logits is None:
+    router_kernel = jnp.asarray(router_kernel)
   _check_shapes(x, router_kernel, kernels, biases)
   impl = resolve_impl(impl)
   lead, d = x.shape[:-1], x.shape[-1]
   tokens = x.reshape(-1, d)
   dot = jax.lax.dot_general if dot_general is None else dot_general
   f32 = jnp.promote_types(x.dtype, jnp.float32)
-  logits = dot(
-    tokens.astype(f32),
-    router_kernel.astype(f32),
-    (((1,), (0,)), ((), ())),
-    precision=precision,
-  )
-  if router_bias is not None:
-    logits = logits + jnp.asarray(router_bias).astype(f32)
+  if router_logits is not None:
+    logits = jnp.asarray(router_logits).reshape(tokens.shape[0], -1)
+    logits = logits.astype(f32)
+  else:
+    logits = dot(
+      tokens.astype(f32),
+      router_kernel.astype(f32),
+      (((1,), (0,)), ((), ())),
+      precision=precision,
+    )
+    if router_bias is not None:
+      logits = logits + jnp.asarray(router_bias).astype(f32)[None]
   e = logits.shape[-1]
   weights, experts = top_k_routing(
     logits,
@@ -255,31 +279,58 @@ def moe_ffn(
   k = experts.shape[-1]
   capacity = capacity_of(capacity_factor, tokens.shape[0], k, e)
   tile = 1 if impl == 'ragged' else int(tile_size)
-  layout = moe_core.make_layout(experts, e, tile, capacity)
-  kept_w = jnp.where(layout.dropped, 0.0, weights)
+  if mesh is not None and capacity is not None:
+    raise ValueError(
+      'moe_ffn: capacity_factor with expert parallelism (mesh=...) is not'
+      f' supported; got capacity_factor={capacity_factor}. Use the dropless'
+      ' default (capacity_factor=None) with a mesh.'
+    )
+  if mesh is None:
+    layout = moe_core.make_layout(experts, e, tile, capacity)
+    dropped = layout.dropped
+  else:
+    layout, dropped = None, jnp.zeros(experts.shape, bool)
+  kept_w = jnp.where(dropped, 0.0, weights)
   if gated_product is None:
-    prod = lambda g, u: _gated_product(g, u, activation)
+    prod = functools.partial(_gated_product, activation=activation)
   else:
     prod = gated_product
   cast = lambda a: None if a is None else a.astype(x.dtype)
-  y = moe_core.experts_ffn(
-    tokens,
-    kept_w,
-    layout,
-    tuple(map(cast, kernels)),
-    tuple(map(cast, biases)),
-    impl=impl,
-    gated_product=prod,
-    precision=precision,
-  )
-  load = jnp.bincount(experts.reshape(-1), length=e).astype(jnp.int32)
+  kernels, biases = tuple(map(cast, kernels)), tuple(map(cast, biases))
+  if mesh is None:
+    assert layout is not None
+    y = moe_core.experts_ffn(
+      tokens,
+      kept_w,
+      layout,
+      kernels,
+      biases,
+      impl=impl,
+      gated_product=prod,
+      precision=precision,
+    )
+  else:
+    y = expert_parallel_ffn(
+      tokens,
+      kept_w,
+      experts,
+      kernels,
+      biases,
+      mesh=mesh,
+      expert_axis=expert_axis,
+      impl=impl,
+      gated_product=prod,
+      precision=precision,
+      tile_size=tile_size,
+    )
+  load = jax.nn.one_hot(experts, e, dtype=jnp.int32).sum((0, 1))
   aux = MoEAux(
     router_logits=logits.reshape(*lead, e),
     weights=weights.reshape(*lead, k),
     experts=experts.reshape(*lead, k),
-    dropped=layout.dropped.reshape(*lead, k),
+    dropped=dropped.reshape(*lead, k),
     expert_load=load,
-    dropped_tokens=layout.dropped.sum().astype(jnp.int32),
+    dropped_tokens=dropped.sum().astype(jnp.int32),
     load_balancing_loss=load_balancing_loss(logits, experts, e),
     router_z_loss=router_z_loss(logits),
   )

@@ -177,7 +177,19 @@ def _experts_bwd(impl, prod, precision, res, dy):
   )
   dx = _combine(dxr, layout.assign_row).astype(x.dtype)
   dw = _take(dwr, layout.assign_row.reshape(-1)).reshape(w.shape)
-  return dx, dw.astype(w.dtype), None, dk, db
+  dk = jax.tree.map(_sum_to_vma, dk, kernels)
+  db = jax.tree.map(_sum_to_vma, db, biases)
+  return _sum_to_vma(dx, x), _sum_to_vma(dw.astype(w.dtype), w), None, dk, db
+
+
+def _sum_to_vma(ct, primal):
+  """Sums ``ct`` over the mesh axes it varies over and ``primal`` does not.
+
+  Inside ``shard_map`` a kernel replicated over ``'data'`` gets one partial
+  gradient per data shard; they add up (what shard_map's own transpose does).
+  """
+  extra = gm.varying(ct) - gm.varying(primal)
+  return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
 _experts.defvjp(_experts_fwd, _experts_bwd)

@@ -86,7 +86,8 @@ def _group_mask(choice: Array, num_groups: int, groups_per_token: int):
   grouped = choice.reshape(*choice.shape[:-1], num_groups, e // num_groups)
   group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
   _, best = jax.lax.top_k(group_scores, groups_per_token)
-  keep = jnp.any(best[..., :, None] == jnp.arange(num_groups), axis=-2)
+  groups = jnp.arange(num_groups).reshape((1,) * best.ndim + (num_groups,))
+  keep = jnp.any(best[..., :, None] == groups, axis=-2)
   return jnp.repeat(keep, e // num_groups, axis=-1)
 
 
@@ -183,7 +184,8 @@ def top_k_routing(
           f'top_k_routing: score_correction_bias must have shape'
           f' ({num_experts},); got {tuple(bias.shape)}.'
         )
-      choice = scores + jax.lax.stop_gradient(bias.astype(scores.dtype))
+      bias = jax.lax.stop_gradient(bias.astype(scores.dtype))
+      choice = scores + bias.reshape((1,) * (scores.ndim - 1) + bias.shape)
     choice = jax.lax.stop_gradient(choice)
     if num_groups is not None:
       keep = _group_mask(choice, num_groups, groups_per_token)  # pyright: ignore[reportArgumentType]
@@ -251,8 +253,8 @@ def load_balancing_loss(
     )
   probs = jax.nn.softmax(logits.reshape(-1, num_experts), axis=-1)
   flat = experts.reshape(probs.shape[0], -1)
-  counts = jnp.zeros((num_experts,), logits.dtype).at[flat.reshape(-1)].add(1.0)
-  fraction = counts / probs.shape[0]
+  hits = jax.nn.one_hot(flat, num_experts, dtype=logits.dtype)
+  fraction = hits.sum((0, 1)) / probs.shape[0]
   return num_experts * jnp.sum(fraction * probs.mean(0))
 
 
