@@ -14,9 +14,13 @@ from flaxact._src.nnx_layers import GatedFFN as GatedFFN
 from flaxact._src.nnx_layers import GeGLU as GeGLU
 from flaxact._src.nnx_layers import ReGLU as ReGLU
 from flaxact._src.nnx_layers import SwiGLU as SwiGLU
+from flaxact._src.nnx_moe import MoE as MoE
 from flaxact._src.nnx_torch import from_torch as from_torch
 from flaxact._src.nnx_xielu import XIELU as XIELU
 from flaxact._src.remat import CHECKPOINT_NAMES as CHECKPOINT_NAMES
+from flaxact._src.sharding import (
+  EXPERT_PARALLEL_RULES as EXPERT_PARALLEL_RULES,
+)
 from flaxact._src.sharding import FSDP_RULES as FSDP_RULES
 from flaxact._src.sharding import (
   FSDP_TENSOR_PARALLEL_RULES as FSDP_TENSOR_PARALLEL_RULES,
@@ -25,16 +29,18 @@ from flaxact._src.sharding import TENSOR_PARALLEL_RULES as TENSOR_PARALLEL_RULES
 
 __all__ = [
   'CHECKPOINT_NAMES',
+  'EXPERT_PARALLEL_RULES',
   'FFN',
   'FSDP_RULES',
   'FSDP_TENSOR_PARALLEL_RULES',
   'TENSOR_PARALLEL_RULES',
+  'XIELU',
   'GatedFFN',
   'GeGLU',
+  'MoE',
   'PReLU',
   'ReGLU',
   'SwiGLU',
   'Swish',
-  'XIELU',
   'from_torch',
 ]

@@ -24,6 +24,11 @@ Rule sets, for a mesh with axes ``'data'`` and ``'model'``:
 - :data:`FSDP_TENSOR_PARALLEL_RULES`: both at once (2-D sharding): ``embed``
   and ``batch`` over ``'data'``, ``mlp`` over ``'model'``.
 
+- :data:`EXPERT_PARALLEL_RULES`: for routed FFNs (``MoE``) on a mesh with
+  axes ``'data'`` and ``'expert'``: the experts axis ``exp`` of the stacked
+  expert kernels over ``'expert'`` (each device holds ``E / n`` experts and
+  tokens travel to them with all-to-all), ``batch`` over ``'data'``.
+
 ``'batch'`` is not used by the layers themselves (they leave leading axes
 unconstrained) but by the surrounding model's input constraints.
 
@@ -54,6 +59,8 @@ MLP = 'mlp'
 BATCH = 'batch'
 #: Logical name of the leading axis of stacked (scanned or vmapped) layers.
 LAYERS = 'layers'
+#: Logical name of the experts axis of a routed FFN's stacked kernels.
+EXP = 'exp'
 
 #: Kernel axes of ``gate_proj`` and ``up_proj``, stored ``(embed, mlp)``.
 IN_KERNEL_AXES = (EMBED, MLP)
@@ -75,6 +82,13 @@ FUSED_PROJ_AXES = (FUSED_KERNEL_AXES, FUSED_BIAS_AXES)
 #: ``(kernel axes, bias axes)`` of ``down_proj``.
 OUT_PROJ_AXES = (OUT_KERNEL_AXES, OUT_BIAS_AXES)
 
+#: MoE expert kernels ``gate_proj``/``up_proj``: ``(exp, embed, mlp)``.
+EXPERT_IN_PROJ_AXES = ((EXP, EMBED, MLP), (EXP, MLP))
+#: MoE expert kernel ``down_proj``: ``(exp, mlp, embed)``.
+EXPERT_OUT_PROJ_AXES = ((EXP, MLP, EMBED), (EXP, EMBED))
+#: MoE router ``(embed, num_experts)``, bias ``(num_experts,)``.
+ROUTER_PROJ_AXES = ((EMBED, None), (None,))
+
 #: Tensor parallelism: ``mlp`` over ``'model'``, ``batch`` over ``'data'``.
 TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
   (BATCH, 'data'),
@@ -94,6 +108,16 @@ FSDP_TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
   (BATCH, 'data'),
   (EMBED, 'data'),
   (MLP, 'model'),
+  (LAYERS, None),
+)
+#: Expert parallelism (MoE): ``exp`` over ``'expert'``, ``batch`` over
+#: ``'data'``; dense weights replicated. Combine with ``(MLP, 'model')`` on a
+#: mesh that also has a ``'model'`` axis for tensor parallelism inside experts.
+EXPERT_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
+  (BATCH, 'data'),
+  (EXP, 'expert'),
+  (EMBED, None),
+  (MLP, None),
   (LAYERS, None),
 )
 
