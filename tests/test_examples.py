@@ -169,7 +169,7 @@ def test_glu_variants_curve_ends_at_the_table_number(tmp_path):
   assert 'estimate' in curve['intermediate_points']
   assert 'estimate' in result['validation']['curve']
   row = next(ln for ln in proc.stdout.splitlines() if '| FFN_ReGLU ' in ln)
-  assert f'| {run0["val_bpc"]:.4f} |' in row
+  assert f' {run0["val_bpc"]:.4f} |' in row
   # --curve-windows 0: the whole split at every point, nothing estimated.
   proc = run(
     'glu_variants.py',
