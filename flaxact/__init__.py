@@ -22,10 +22,14 @@ from flaxact._src.gated import swiglu as swiglu
 from flaxact._src.gated_product import gated_product as gated_product
 from flaxact._src.gelu import gelu as gelu
 from flaxact._src.gelu import gelu_tanh as gelu_tanh
+from flaxact._src.gpt_oss import gpt_oss_glu as gpt_oss_glu
 from flaxact._src.hf_extra import gelu_10 as gelu_10
 from flaxact._src.hf_extra import laplace as laplace
 from flaxact._src.hf_extra import sqrt_softplus as sqrt_softplus
 from flaxact._src.hidden import ffn_hidden_features as ffn_hidden_features
+from flaxact._src.moe import MOE_REMAT_POLICY as MOE_REMAT_POLICY
+from flaxact._src.moe import MoEAux as MoEAux
+from flaxact._src.moe import moe_ffn as moe_ffn
 from flaxact._src.piecewise import hard_sigmoid as hard_sigmoid
 from flaxact._src.piecewise import hard_silu as hard_silu
 from flaxact._src.piecewise import identity as identity
@@ -35,6 +39,12 @@ from flaxact._src.piecewise import relu6 as relu6
 from flaxact._src.piecewise import relu_squared as relu_squared
 from flaxact._src.registry import ACTIVATIONS as ACTIVATIONS
 from flaxact._src.registry import get_activation as get_activation
+from flaxact._src.routing import load_balancing_loss as load_balancing_loss
+from flaxact._src.routing import router_z_loss as router_z_loss
+from flaxact._src.routing import top_k_routing as top_k_routing
+from flaxact._src.routing import (
+  update_score_correction_bias as update_score_correction_bias,
+)
 from flaxact._src.sigmoid import sigmoid as sigmoid
 from flaxact._src.sigmoid import softplus as softplus
 from flaxact._src.sigmoid import tanh as tanh
@@ -51,6 +61,8 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
 
 __all__ = [
   'ACTIVATIONS',
+  'MOE_REMAT_POLICY',
+  'MoEAux',
   'bilinear',
   'celu',
   'elu',
@@ -63,17 +75,21 @@ __all__ = [
   'gelu_tanh',
   'get_activation',
   'glu',
+  'gpt_oss_glu',
   'hard_sigmoid',
   'hard_silu',
   'identity',
   'laplace',
   'leaky_relu',
+  'load_balancing_loss',
   'mish',
+  'moe_ffn',
   'quick_gelu',
   'reglu',
   'relu',
   'relu6',
   'relu_squared',
+  'router_z_loss',
   'selu',
   'sigmoid',
   'silu',
@@ -82,5 +98,7 @@ __all__ = [
   'swiglu',
   'swish',
   'tanh',
+  'top_k_routing',
+  'update_score_correction_bias',
   'xielu',
 ]
