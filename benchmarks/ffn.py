@@ -7,6 +7,8 @@ Compares, in one run and per dtype, flaxact's ``SwiGLU`` against
 - the layer's nine matmuls alone (3 forward, 6 backward: the compute bound),
 - PyTorch eager with the same shapes (when a Python with torch is given with
   ``--torch-python``, or torch is importable here; skipped otherwise),
+- and the same layer under Qwix int8 QAT (``qwix.quantize_model`` with an
+  int8 ``QtRule``; ``--no-qat`` skips it): step time and memory vs float,
 
 for a single layer and for an 8-layer ``nn.scan`` / ``nnx.scan`` stack with
 residual connections. A train step is ``jax.grad`` of ``mean(y**2)`` with
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -56,7 +59,9 @@ def _args(argv=None) -> argparse.Namespace:
     help='a Python interpreter with torch installed, for the eager column',
   )
   p.add_argument('--no-torch', action='store_true')
-  p.add_argument('--torch-worker', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument(
+    '--no-qat', action='store_true', help='skip the Qwix int8 QAT rows'
+  )
   a = p.parse_args(argv)
   if a.quick:
     a.tokens, a.embed, a.hidden, a.repeats = 256, 128, 352, 2
@@ -70,44 +75,14 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 # ---------------------------------------------------------------------------
-# PyTorch eager (runs in a worker process, so this file never needs torch)
+# PyTorch eager (torch_eager_ffn.py in a subprocess: this file needs no torch)
 # ---------------------------------------------------------------------------
-
-
-def torch_worker(a: argparse.Namespace) -> dict[str, float]:
-  """Times one eager train step per dtype after one warm-up step."""
-  import torch
-  import torch.nn.functional as F
-
-  torch.manual_seed(0)
-  out = {}
-  for name in a.dtypes.split(','):
-    dtype = getattr(torch, name)
-    T, d, h = a.tokens, a.embed, a.hidden
-    x = torch.randn(T, d, dtype=dtype, requires_grad=True)
-    ws = [
-      (torch.randn(h, d) / d**0.5).to(dtype).requires_grad_(),
-      (torch.randn(h, d) / d**0.5).to(dtype).requires_grad_(),
-      (torch.randn(d, h) / h**0.5).to(dtype).requires_grad_(),
-    ]
-
-    def step(x=x, ws=ws):
-      for t in (x, *ws):
-        t.grad = None
-      wg, wu, wd = ws
-      y = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-      (y.float() ** 2).mean().backward()
-
-    step()
-    out[name] = _timed(step)
-  return out
 
 
 def _torch_times(a: argparse.Namespace) -> dict[str, float] | None:
   if a.no_torch:
     return None
   argv = [
-    '--torch-worker',
     f'--tokens={a.tokens}',
     f'--embed={a.embed}',
     f'--hidden={a.hidden}',
@@ -120,8 +95,9 @@ def _torch_times(a: argparse.Namespace) -> dict[str, float] | None:
     except ImportError:
       return None
     python = sys.executable
+  worker = os.path.join(os.path.dirname(__file__), 'torch_eager_ffn.py')
   result = subprocess.run(
-    [python, __file__, *argv], capture_output=True, text=True, check=True
+    [python, worker, *argv], capture_output=True, text=True, check=True
   )
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -240,6 +216,12 @@ def build(a: argparse.Namespace, dtype_name: str) -> dict[str, Any]:
     'nnx_stack_ours': nnx_stack_case(True),
     'nnx_stack_hand': nnx_stack_case(False),
   }
+  if not a.no_qat:
+    import qwix
+
+    rule = qwix.QtRule(module_path='.*', weight_qtype='int8', act_qtype='int8')
+    qat = qwix.quantize_model(fl.SwiGLU(h), qwix.QtProvider([rule]))
+    cases['single_qat'] = linen_case(qat)  # same layer, int8 QAT
   built = {}
   for name, (step, args) in cases.items():
     compiled = step.lower(*args).compile()
@@ -300,6 +282,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
       'nnx_stack_time': t['nnx_stack_ours'] / t['nnx_stack_hand'],
       'nnx_stack_memory': mem['nnx_stack_ours'] / mem['nnx_stack_hand'],
     }
+    if 'single_qat' in t:
+      r['qat_time_vs_float'] = t['single_qat'] / t['single_ours']
+      r['qat_memory_vs_float'] = mem['single_qat'] / mem['single_ours']
     if torch_times is not None and dt in torch_times:
       r['torch_eager_s'] = torch_times[dt]
       r['torch_speedup'] = torch_times[dt] / t['single_ours']
@@ -338,6 +323,13 @@ def table(f: dict[str, Any]) -> str:
       ('8-layer nnx.scan temp memory', m['nnx_stack_ours'] / mib,
        m['nnx_stack_hand'] / mib, r['nnx_stack_memory'], '<= 0.45', 'MiB'),
     ]  # fmt: skip
+    if 'qat_time_vs_float' in r:
+      rows += [
+        ('Qwix int8 QAT step time vs float', t['single_qat'],
+         t['single_ours'], r['qat_time_vs_float'], '', 's'),
+        ('Qwix int8 QAT temp memory vs float', m['single_qat'] / mib,
+         m['single_ours'] / mib, r['qat_memory_vs_float'], '', 'MiB'),
+      ]  # fmt: skip
     if 'torch_eager_s' in r:
       rows.append((
         'single layer time vs PyTorch eager', t['single_ours'],
@@ -353,9 +345,6 @@ def table(f: dict[str, Any]) -> str:
 
 def main(argv=None) -> None:
   a = _args(argv)
-  if a.torch_worker:
-    print(json.dumps(torch_worker(a)))
-    return
   figures = run(a)
   print(table(figures))
   if a.json:
