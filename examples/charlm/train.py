@@ -139,15 +139,23 @@ def compile_run(graphdef, params, tx, placement: Placement | None) -> Compiled:
   params, p_sh, batch_sh = placement.place(params)
   opt_state = jax.jit(tx.init)(params)  # moments laid out like params
   o_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+  sharded_step = jax.jit(
+    train_step,
+    in_shardings=(p_sh, o_sh, batch_sh),
+    out_shardings=(p_sh, o_sh, None),
+    donate_argnums=(0, 1),
+  )
+
+  def one_step_at_a_time(*args):
+    # One step in flight at a time: on few, busy cores XLA:CPU's simulated
+    # devices timed out in a collective rendezvous (all-gather and
+    # collective-permute) with steps dispatched ahead. Cheap on real devices.
+    return jax.block_until_ready(sharded_step(*args))
+
   return Compiled(
     params,
     opt_state,
-    jax.jit(
-      train_step,
-      in_shardings=(p_sh, o_sh, batch_sh),
-      out_shardings=(p_sh, o_sh, None),
-      donate_argnums=(0, 1),
-    ),
+    one_step_at_a_time,
     jax.jit(eval_step, in_shardings=(p_sh, batch_sh)),
     lambda b: jax.device_put(b, batch_sh),
   )
