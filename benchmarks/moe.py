@@ -168,14 +168,19 @@ def torch_worker(a):
     for impl in ('eager', 'batched_mm', 'grouped_mm'):
       if name == 'coarse':
         cfg = MixtralConfig(
-          hidden_size=d, intermediate_size=h, num_local_experts=e,
+          hidden_size=d,
+          intermediate_size=h,
+          num_local_experts=e,
           num_experts_per_tok=k,
         )
         block_cls = MixtralSparseMoeBlock
       else:
         cfg = Qwen3MoeConfig(
-          hidden_size=d, moe_intermediate_size=h, num_experts=e,
-          num_experts_per_tok=k, norm_topk_prob=True,
+          hidden_size=d,
+          moe_intermediate_size=h,
+          num_experts=e,
+          num_experts_per_tok=k,
+          norm_topk_prob=True,
         )
         block_cls = Qwen3MoeSparseMoeBlock
       cfg._experts_implementation = impl
@@ -200,8 +205,15 @@ def torch_worker(a):
 def _torch_results(a):
   if not a.torch_python:
     return {}
-  cmd = [a.torch_python, __file__, '--torch-worker', '--shapes', a.shapes,
-         '--repeats', str(a.repeats)] + (['--quick'] if a.quick else [])
+  cmd = [
+    a.torch_python,
+    __file__,
+    '--torch-worker',
+    '--shapes',
+    a.shapes,
+    '--repeats',
+    str(a.repeats),
+  ] + (['--quick'] if a.quick else [])
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode:
     print(f'torch worker failed: {done.stderr[-2000:]}', file=sys.stderr)
@@ -224,22 +236,30 @@ def main(argv=None):
     fns = jax_cases(a.shape_table[name], a)
     results['shapes'][name] = _rounds(fns, a.repeats)
   torch_res = _torch_results(a)
-  print(f'MoE forward+backward, float32, {jax.default_backend()},'
-        f' median of {a.repeats} interleaved rounds [min-max]')
+  print(
+    f'MoE forward+backward, float32, {jax.default_backend()},'
+    f' median of {a.repeats} interleaved rounds [min-max]'
+  )
   print(f'{"shape":8} {"case":16} {"ms":>9} {"spread ms":>17} {"x dense":>8}')
   for name, rows in results['shapes'].items():
     shape = a.shape_table[name]
-    print(f'-- {name}: T={shape[0]} d={shape[1]} E={shape[2]} k={shape[3]}'
-          f' hidden={shape[4]}; goal <= {GOALS[name]}x dense')
+    print(
+      f'-- {name}: T={shape[0]} d={shape[1]} E={shape[2]} k={shape[3]}'
+      f' hidden={shape[4]}; goal <= {GOALS[name]}x dense'
+    )
     for label, rows_, base in (
       ('jax', rows, rows['dense'][0]),
-      ('torch', torch_res.get(name, {}), torch_res.get(name, {}).get(
-        'dense', (1.0,))[0]),
+      (
+        'torch',
+        torch_res.get(name, {}),
+        torch_res.get(name, {}).get('dense', (1.0,))[0],
+      ),
     ):
       for case, (med, lo, hi) in rows_.items():
         tag = case if label == 'jax' else f'torch_{case}'
-        print(f'{name:8} {tag:16} {med:9.1f} {lo:8.1f}-{hi:8.1f}'
-              f' {med / base:8.2f}')
+        print(
+          f'{name:8} {tag:16} {med:9.1f} {lo:8.1f}-{hi:8.1f} {med / base:8.2f}'
+        )
   results['torch'] = torch_res
   if a.json:
     with open(a.json, 'w') as f:

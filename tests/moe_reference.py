@@ -107,7 +107,7 @@ def moe(
     w, chosen = route(logits, k, **route_kw)
     all_experts.append(chosen)
     drop_row = []
-    for wj, ej in zip(w, chosen):
+    for wj, ej in zip(w, chosen, strict=True):
       used[ej] += 1
       if cap is not None and used[ej] > cap:
         drop_row.append(True)

@@ -125,9 +125,8 @@ def expert_parallel_ffn(
       f' {ep} and tokens divisible by the mesh size {mesh.size}; got'
       f' {e} experts and {x.shape[0]} tokens.'
     )
-  tokens = P(
-    tuple(a for a in mesh.axis_names if a != expert_axis) + (expert_axis,)
-  )
+  others = [a for a in mesh.axis_names if a != expert_axis]
+  tokens = P((*others, expert_axis))  # tokens split over every mesh axis
   shard = lambda a: None if a is None else P(expert_axis)
   tile = 1 if impl == 'ragged' else int(tile_size)
 

@@ -224,7 +224,7 @@ def loop_forward(prod, layout, x, w, kernels, biases, precision):
     new = ffn_forward(ops, prod, xs, ws, kernels, biases)
     return tuple(
       jax.lax.dynamic_update_slice_in_dim(b, n, i * tile, 0)
-      for b, n in zip(bufs, new)
+      for b, n in zip(bufs, new, strict=True)
     )
 
   return jax.lax.fori_loop(0, layout.tiles_used, body, bufs)
@@ -285,8 +285,8 @@ def grouped_backward(impl, prod, layout, res, kernels, biases, dout, precision):
     return ffn_backward(ops, prod, x, w, g, u, kernels, biases, dout)
   ops = TileOps(layout.tile_expert, kernels[0].shape[0], precision)
   t = layout.tile
-  tiled = [_tiles(a, t) for a in (x, w, g, u)]
+  xt, wt, gt, ut = (_tiles(a, t) for a in (x, w, g, u))
   dx, dw, dk, db = ffn_backward(
-    ops, prod, *tiled, kernels, biases, _tiles(dout, t)
+    ops, prod, xt, wt, gt, ut, kernels, biases, _tiles(dout, t)
   )
   return _rows(dx), _rows(dw), dk, db

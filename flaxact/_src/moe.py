@@ -85,6 +85,7 @@ def capacity_of(capacity_factor, tokens: int, k: int, num_experts: int):
       f'capacity_factor must be a positive number or None; got'
       f' {capacity_factor!r}.'
     )
+  capacity_factor = float(capacity_factor)
   if not capacity_factor > 0:
     raise ValueError(
       f'capacity_factor must be positive (or None for dropless); got'
@@ -296,7 +297,8 @@ def moe_ffn(
   else:
     prod = gated_product
   cast = lambda a: None if a is None else a.astype(x.dtype)
-  kernels, biases = tuple(map(cast, kernels)), tuple(map(cast, biases))
+  kernels: Any = tuple(map(cast, kernels))
+  biases: Any = tuple(map(cast, biases))
   if mesh is None:
     assert layout is not None
     y = moe_core.experts_ffn(
