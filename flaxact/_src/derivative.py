@@ -11,6 +11,13 @@ derivative are each computed in one pass over ``x``: the recomputation is
 cheaper than the memory traffic on CPU, GPU and TPU alike (measured on CPU:
 exact GELU forward+backward 2.8x -> 1.9x relu's time in float32, 13.8x ->
 5.4x in bfloat16).
+
+:func:`with_output_derivative` is for functions whose derivative is a cheap
+function of their value (``sigmoid' = y (1 - y)``), as ``jax.nn`` computes
+them: the backward pass then reads the value and does a few multiplications,
+with no second transcendental pass over ``x``. Use it only where the
+derivative formed from the rounded value is accurate enough (for sigmoid its
+absolute error stays below 4e-8 in float32).
 """
 
 from __future__ import annotations
@@ -43,6 +50,24 @@ def with_derivative(
     return value(x), slope * t
 
   fn.defjvp(jvp)
+  return fn
+
+
+def with_output_derivative(
+  value: Callable[[Array], Array], derivative: Callable[[Array], Array]
+) -> Callable[[Array], Array]:
+  """Returns ``value`` as a ``custom_jvp`` function with ``f' = g(f(x))``.
+
+  Args:
+    value: the element-wise function, ``x -> y = f(x)``.
+    derivative: its derivative written in terms of the value, ``y -> f'(x)``.
+      Higher derivatives follow by the chain rule through ``value``.
+
+  Returns:
+    A function equal to ``value`` whose JVP is ``derivative(y) * t``.
+  """
+  fn = jax.custom_jvp(value)
+  fn.defjvps(lambda t, y, x: derivative(y) * t)
   return fn
 
 
