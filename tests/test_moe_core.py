@@ -78,18 +78,17 @@ def test_matches_float64_reference(name, capacity):
   # Each case runs one impl (rotating); test_impls_agree covers the rest.
   impl = IMPLS[(sorted(ROUTER_CASES).index(name) + (capacity is None)) % 3]
   with jax.default_matmul_precision('highest'):
-    for impl in (impl,):
-      y, aux = _jit_call(
-        w, k, impl=impl, capacity_factor=capacity, **jax_kwargs(kw, bias)
-      )
-      np.testing.assert_allclose(np.asarray(y), expected, **F32_FFN)
-      np.testing.assert_array_equal(np.asarray(aux.experts), experts)
-      np.testing.assert_array_equal(np.asarray(aux.dropped), dropped)
-      assert int(aux.dropped_tokens) == dropped.sum()
-      assert (capacity is None) == (dropped.sum() == 0)
-      np.testing.assert_array_equal(
-        np.asarray(aux.expert_load), np.bincount(experts.ravel(), minlength=E)
-      )
+    y, aux = _jit_call(
+      w, k, impl=impl, capacity_factor=capacity, **jax_kwargs(kw, bias)
+    )
+    np.testing.assert_allclose(np.asarray(y), expected, **F32_FFN)
+    np.testing.assert_array_equal(np.asarray(aux.experts), experts)
+    np.testing.assert_array_equal(np.asarray(aux.dropped), dropped)
+    assert int(aux.dropped_tokens) == dropped.sum()
+    assert (capacity is None) == (dropped.sum() == 0)
+    np.testing.assert_array_equal(
+      np.asarray(aux.expert_load), np.bincount(experts.ravel(), minlength=E)
+    )
 
 
 def test_gpt_oss_biases_and_clamped_product():
