@@ -7,7 +7,7 @@ input value of the dtype, where |y| >= 1e-30. The float64 references are the
 test suite's (``tests/helpers.py``), so run this from the repository root.
 
 Usage:
-  python benchmarks/accuracy.py [--json PATH]
+  python -m benchmarks.accuracy [--only sigmoid,tanh] [--json PATH]
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ def _half_ulps(fn, case, dtype) -> int:
   return int(ulps[keep].max(initial=0))
 
 
-def run() -> list[dict]:
-  """Measures every activation that has a float64 reference."""
+def run(names=None) -> list[dict]:
+  """Measures the named activations (default: all with a float64 reference)."""
   rows = []
   for name, case in sorted(helpers.CASES.items()):
+    if names is not None and name not in names:
+      continue
     for lib, fn in (('flaxact', case.fn), ('jax.nn', JAX_NN.get(name))):
       if fn is None:
         continue
@@ -76,8 +78,11 @@ def run() -> list[dict]:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--json', metavar='PATH', help='write the rows here')
+  parser.add_argument(
+    '--only', help='comma-separated activations (default: all)'
+  )
   args = parser.parse_args(argv)
-  rows = run()
+  rows = run(args.only.split(',') if args.only else None)
   print(
     '| activation | library | f32 max rel err (abs(y) >= 1e-6)'
     ' | f32 max rel err (tail) | bf16 max ULP | f16 max ULP |'
