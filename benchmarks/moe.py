@@ -49,6 +49,11 @@ def _args(argv=None):
   p.add_argument('--quick', action='store_true', help='small shapes, 2 rounds')
   p.add_argument('--json', help='write all figures to this path')
   p.add_argument('--torch-python', help='a Python with torch + transformers')
+  p.add_argument(
+    '--torch-impls',
+    default='eager,batched_mm,grouped_mm',
+    help='transformers experts_implementation values to time',
+  )
   p.add_argument('--torch-worker', action='store_true', help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   a.shape_table = QUICK if a.quick else SHAPES
@@ -165,7 +170,7 @@ def torch_worker(a):
       y.sum().backward()
 
     fns['dense'] = dense
-    for impl in ('eager', 'batched_mm', 'grouped_mm'):
+    for impl in a.torch_impls.split(','):
       if name == 'coarse':
         cfg = MixtralConfig(
           hidden_size=d,
@@ -213,6 +218,8 @@ def _torch_results(a):
     a.shapes,
     '--repeats',
     str(a.repeats),
+    '--torch-impls',
+    a.torch_impls,
   ] + (['--quick'] if a.quick else [])
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode:
