@@ -73,7 +73,10 @@ def sigmoid(x: Any) -> Array:
     \sigma(x) = \frac{1}{1 + e^{-x}}
 
   Accurate to float32 rounding in both tails (``sigmoid(-80.)`` is
-  ``1.8e-35``, not 0); ``sigmoid(±inf)`` is 1 or 0 with derivative 0.
+  ``1.8e-35``, not 0); ``sigmoid(±inf)`` is 1 or 0 with derivative 0. In
+  float32 the derivative is formed from the value, ``y (1 - y)``, as in
+  ``jax.nn``: its absolute error is below 1e-7, and it is 0 once ``y``
+  rounds to 1 (``x > 16.6``, where it is below 6e-8).
 
   Args:
     x: input array of any shape and floating dtype.
