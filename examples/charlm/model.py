@@ -64,6 +64,10 @@ def hidden_features(d_model: int, gated: bool) -> int:
   return flaxact.ffn_hidden_features(d_model, gated=gated, multiple_of=8)
 
 
+#: Builds one block's FFN from ``(d_model, rngs)``; replaces ``make_ffn``.
+FFNFactory = Callable[[int, nnx.Rngs], nnx.Module]
+
+
 def _names(*names: str | None) -> dict[str, Any]:
   return {'out_sharding': names}
 
@@ -129,13 +133,27 @@ def _layer_norm(d_model: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Block(nnx.Module):
-  """Pre-LayerNorm transformer block: attention, then the FFN under test."""
+  """Pre-LayerNorm transformer block: attention, then the FFN under test.
 
-  def __init__(self, cfg: ModelConfig, variant: str, *, rngs: nnx.Rngs):
+  ``ffn``, when given, builds the FFN instead of ``make_ffn(variant)`` (the
+  mixture-of-experts example passes one that returns a ``flaxact.nnx.MoE``).
+  """
+
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    variant: str,
+    *,
+    rngs: nnx.Rngs,
+    ffn: FFNFactory | None = None,
+  ):
     self.norm1 = _layer_norm(cfg.d_model, rngs)
     self.attn = CausalSelfAttention(cfg.d_model, cfg.heads, rngs=rngs)
     self.norm2 = _layer_norm(cfg.d_model, rngs)
-    self.ffn = make_ffn(variant, cfg.d_model, rngs=rngs)
+    if ffn is None:
+      self.ffn = make_ffn(variant, cfg.d_model, rngs=rngs)
+    else:
+      self.ffn = ffn(cfg.d_model, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps ``(batch, time, d_model)`` to the same shape."""
@@ -146,7 +164,14 @@ class Block(nnx.Module):
 class CharLM(nnx.Module):
   """Decoder-only transformer over characters, learned positions."""
 
-  def __init__(self, cfg: ModelConfig, variant: str, *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    variant: str,
+    *,
+    rngs: nnx.Rngs,
+    ffn: FFNFactory | None = None,
+  ):
     init = nnx.initializers.normal(0.02)
     self.embed = nnx.Embed(
       cfg.vocab_size,
@@ -163,7 +188,7 @@ class CharLM(nnx.Module):
       rngs=rngs,
     )
     self.blocks = nnx.List(
-      [Block(cfg, variant, rngs=rngs) for _ in range(cfg.layers)]
+      [Block(cfg, variant, rngs=rngs, ffn=ffn) for _ in range(cfg.layers)]
     )
     self.norm = _layer_norm(cfg.d_model, rngs)
     self.head = nnx.Linear(
@@ -182,10 +207,19 @@ class CharLM(nnx.Module):
     return self.head(self.norm(x))
 
 
-def build_model(cfg: ModelConfig, variant: str, seed: int) -> CharLM:
-  """The model with initial weights from ``seed``; no mesh needed."""
+def build_model(
+  cfg: ModelConfig,
+  variant: str,
+  seed: int,
+  *,
+  ffn: FFNFactory | None = None,
+) -> CharLM:
+  """The model with initial weights from ``seed``; no mesh needed.
+
+  ``ffn``: see ``Block``; ``None`` builds ``make_ffn(variant)``.
+  """
   with nnx.use_eager_sharding(False):
-    return CharLM(cfg, variant, rngs=nnx.Rngs(seed))
+    return CharLM(cfg, variant, rngs=nnx.Rngs(seed), ffn=ffn)
 
 
 def count_params(tree: Any) -> int:
