@@ -154,9 +154,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   n_data, n_model = mesh_shape(args.mesh, len(devices), args.rules)
   check_divisible(args, n_data, n_model)
   corpus = data.load_corpus(args.text, seq_len=args.seq_len)
-  model_cfg, train_cfg = flags.configs_from_args(args, corpus)
+  configs = flags.configs_from_args(args, corpus)
   out_dir = _cli.prepare_out_dir(args.out)
-
   mesh = jax.make_mesh(
     (n_data, n_model),
     ('data', 'model'),
@@ -173,7 +172,51 @@ def main(argv: Sequence[str] | None = None) -> None:
       'only one device: set XLA_FLAGS=--xla_force_host_platform_device_count'
       '=8 to simulate eight'
     )
+  sharded, single, placed = train_both(args, corpus, configs, mesh, rules)
+  specs = print_layout(placed)
+  rel = print_losses(args, sharded, single)
+  match = bool(np.all(rel <= args.rtol))
+  result = {
+    'experiment': 'sharded_training',
+    'config': {
+      'model': vars(configs[0]),
+      'train': vars(configs[1]),
+      'variant': args.variant,
+      'seed': args.seed,
+    },
+    'corpus': corpus.info,
+    'devices': [str(d) for d in devices],
+    'mesh': {'data': n_data, 'model': n_model},
+    'rules': [list(r) for r in rules],
+    'param_specs': specs,
+    'param_bytes_total': placed['total'],
+    'param_bytes_per_device': placed['per_device'],
+    'max_relative_loss_difference': float(rel.max()),
+    'rtol': args.rtol,
+    'match': match,
+    'sharded': sharded,
+    'single_device': single,
+  }
+  json_path = os.path.join(out_dir, 'results.json')
+  _cli.write_json(json_path, result)
+  png_path = os.path.join(out_dir, 'loss.png')
+  losses = [np.array(r['train_loss_per_step']) for r in (sharded, single)]
+  plot(*losses, n_data, n_model, png_path)
+  print(f'\nwrote {json_path} and {png_path}')
+  if not match:
+    raise _cli.CheckFailed(
+      f'sharded and single-device losses differ by {rel.max():.2e}'
+      f' (relative), more than --rtol {args.rtol:g}'
+    )
 
+
+def train_both(args, corpus, configs, mesh, rules):
+  """Trains on the mesh, then the same seed on one device.
+
+  Returns:
+    Both runs' results, and what placing the parameters measured: bytes per
+    device, total bytes and every parameter's ``PartitionSpec``.
+  """
   placed = {}
 
   def place(params):
@@ -187,33 +230,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     placed['specs'] = jax.tree.map(lambda s: s.spec, shardings)
     return params, shardings, NamedSharding(mesh, P('data', None))
 
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    sharded = train.fit(
+  def fit(desc, placement=None):
+    return train.fit(
       corpus,
-      model_cfg,
-      train_cfg,
+      *configs,
       args.variant,
       args.seed,
-      placement=train.Placement(place),
-      desc='sharded',
+      placement=placement,
+      desc=desc,
       progress=not args.no_progress,
     )
-  per_device, total = placed['per_device'], placed['total']
-  single = train.fit(
-    corpus,
-    model_cfg,
-    train_cfg,
-    args.variant,
-    args.seed,
-    desc='single device',
-    progress=not args.no_progress,
-  )
 
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    sharded = fit('sharded', train.Placement(place))
+  return sharded, fit('single device'), placed
+
+
+def print_layout(placed) -> dict[str, str]:
+  """Prints the bytes per device and the parameters' layouts; returns them."""
+  total = placed['total']
   print(f'\nparameter bytes per device ({total:,} bytes unsharded):\n')
   print(
     _cli.format_table(
       ['device', 'parameter bytes', 'share of all'],
-      [(d, f'{b:,}', f'{b / total:.1%}') for d, b in per_device.items()],
+      [
+        (d, f'{b:,}', f'{b / total:.1%}')
+        for d, b in placed['per_device'].items()
+      ],
     )
   )
   specs = {
@@ -233,10 +276,14 @@ def main(argv: Sequence[str] | None = None) -> None:
       ],
     )
   )
+  return specs
+
+
+def print_losses(args, sharded, single) -> np.ndarray:
+  """Prints both runs' losses; returns each step's relative difference."""
   a = np.array(sharded['train_loss_per_step'])
   b = np.array(single['train_loss_per_step'])
   rel = np.abs(a - b) / np.abs(b)
-  match = bool(np.all(rel <= args.rtol))
   print(
     f'\n{args.variant}, seed {args.seed}, {args.steps} steps: sharded vs'
     ' single-device training loss\n'
@@ -255,43 +302,13 @@ def main(argv: Sequence[str] | None = None) -> None:
       ],
     )
   )
+  match = bool(np.all(rel <= args.rtol))
   print(
     f'\nlargest relative difference of a step loss: {rel.max():.2e}'
     f' (step {int(rel.argmax()) + 1}); {"MATCH" if match else "MISMATCH"}'
     f' at rtol {args.rtol:g}'
   )
-
-  result = {
-    'experiment': 'sharded_training',
-    'config': {
-      'model': vars(model_cfg),
-      'train': vars(train_cfg),
-      'variant': args.variant,
-      'seed': args.seed,
-    },
-    'corpus': corpus.info,
-    'devices': [str(d) for d in devices],
-    'mesh': {'data': n_data, 'model': n_model},
-    'rules': [list(r) for r in rules],
-    'param_specs': specs,
-    'param_bytes_total': total,
-    'param_bytes_per_device': per_device,
-    'max_relative_loss_difference': float(rel.max()),
-    'rtol': args.rtol,
-    'match': match,
-    'sharded': sharded,
-    'single_device': single,
-  }
-  json_path = os.path.join(out_dir, 'results.json')
-  _cli.write_json(json_path, result)
-  png_path = os.path.join(out_dir, 'loss.png')
-  plot(a, b, n_data, n_model, png_path)
-  print(f'\nwrote {json_path} and {png_path}')
-  if not match:
-    raise _cli.CheckFailed(
-      f'sharded and single-device losses differ by {rel.max():.2e}'
-      f' (relative), more than --rtol {args.rtol:g}'
-    )
+  return rel
 
 
 def plot(sharded, single, n_data: int, n_model: int, path: str) -> None:
