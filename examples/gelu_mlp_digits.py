@@ -160,7 +160,40 @@ def make_runner(activation, args, data):
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = build_parser().parse_args(argv)
-  names = [a.strip() for a in args.activations.split(',') if a.strip()]
+  acts = parse_activations(args.activations)
+  out_dir = _cli.prepare_out_dir(args.out)
+  data = load_data()
+  if args.batch_size > data[0].shape[0]:
+    raise _cli.UsageError(
+      f'--batch-size {args.batch_size} exceeds the {data[0].shape[0]}'
+      ' training examples'
+    )
+  runs = train_all(acts, args, data)
+  summary = summarise(runs, list(acts), args.seeds)
+  print_table(summary, args, data)
+  result = {
+    'experiment': 'gelu_mlp_digits',
+    'config': {k: v for k, v in vars(args).items() if k != 'out'},
+    'data': {
+      'name': 'sklearn.datasets.load_digits',
+      'train': int(data[0].shape[0]),
+      'test': int(data[2].shape[0]),
+    },
+    'versions': {'jax': jax.__version__, 'flaxact': flaxact.__version__},
+    'devices': [str(d) for d in jax.devices()],
+    'summary': summary,
+    'runs': runs,
+  }
+  json_path = os.path.join(out_dir, 'results.json')
+  _cli.write_json(json_path, result)
+  png_path = os.path.join(out_dir, 'test_error.png')
+  plot(runs, list(acts), png_path)
+  print(f'\nwrote {json_path} and {png_path}')
+
+
+def parse_activations(text: str) -> dict:
+  """Element-wise flaxact activations by name, or ``UsageError``."""
+  names = [a.strip() for a in text.split(',') if a.strip()]
   if not names:
     raise _cli.UsageError('--activations is empty')
   try:
@@ -172,14 +205,11 @@ def main(argv: Sequence[str] | None = None) -> None:
       raise _cli.UsageError(
         f'{name!r} is a split-form gated function, not element-wise'
       )
-  out_dir = _cli.prepare_out_dir(args.out)
+  return acts
 
-  data = load_data()
-  if args.batch_size > data[0].shape[0]:
-    raise _cli.UsageError(
-      f'--batch-size {args.batch_size} exceeds the {data[0].shape[0]}'
-      ' training examples'
-    )
+
+def train_all(acts: dict, args, data) -> list[dict]:
+  """Every activation and seed: per-epoch train loss and test error."""
   runs = []
   bar = tqdm(
     total=len(acts) * args.seeds * args.epochs, unit='epoch', file=sys.stderr
@@ -208,15 +238,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
       )
   bar.close()
+  return runs
 
+
+def summarise(runs: list[dict], names: list[str], seeds: int) -> list[dict]:
+  """Median, minimum and maximum final test error per activation."""
   summary = []
-  for name in acts:
-    final = np.array(
-      [r['test_error'][-1] for r in runs if r['activation'] == name]
-    )
-    loss = np.array(
-      [r['train_loss'][-1] for r in runs if r['activation'] == name]
-    )
+  for name in names:
+    mine = [r for r in runs if r['activation'] == name]
+    final = np.array([r['test_error'][-1] for r in mine])
+    loss = np.array([r['train_loss'][-1] for r in mine])
     summary.append(
       {
         'activation': name,
@@ -224,9 +255,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         'min_test_error': float(final.min()),
         'max_test_error': float(final.max()),
         'median_final_train_loss': float(np.median(loss)),
-        'seeds': args.seeds,
+        'seeds': seeds,
       }
     )
+  return summary
+
+
+def print_table(summary: list[dict], args, data) -> None:
+  """The settings in one line, then the results table."""
   rows = [
     (
       s['activation'],
@@ -252,25 +288,6 @@ def main(argv: Sequence[str] | None = None) -> None:
       rows,
     )
   )
-
-  result = {
-    'experiment': 'gelu_mlp_digits',
-    'config': {k: v for k, v in vars(args).items() if k != 'out'},
-    'data': {
-      'name': 'sklearn.datasets.load_digits',
-      'train': int(data[0].shape[0]),
-      'test': int(data[2].shape[0]),
-    },
-    'versions': {'jax': jax.__version__, 'flaxact': flaxact.__version__},
-    'devices': [str(d) for d in jax.devices()],
-    'summary': summary,
-    'runs': runs,
-  }
-  json_path = os.path.join(out_dir, 'results.json')
-  _cli.write_json(json_path, result)
-  png_path = os.path.join(out_dir, 'test_error.png')
-  plot(runs, list(acts), png_path)
-  print(f'\nwrote {json_path} and {png_path}')
 
 
 def plot(runs, names, path: str) -> None:
