@@ -48,7 +48,6 @@ from flaxact._src.nnx_base import (
   FFNBase,
   Projection,
   ProjectionOptions,
-  _state_writable,
   default_bias_init,
   default_kernel_init,
 )
