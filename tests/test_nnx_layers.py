@@ -290,38 +290,6 @@ class TestErrors:
       fx.GatedFFN(**kw, rngs=nnx.Rngs(0))
 
 
-EXPECTED_NAMES = {
-  'FFN',
-  'GatedFFN',
-  'SwiGLU',
-  'GeGLU',
-  'ReGLU',
-  'PReLU',
-  'Swish',
-  'CHECKPOINT_NAMES',
-  'TENSOR_PARALLEL_RULES',
-  'FSDP_RULES',
-  'FSDP_TENSOR_PARALLEL_RULES',
-}
-
-
-class TestPublicAPI:
-  def test_exports(self):
-    # from_torch is re-exported here by the weight-import module.
-    assert EXPECTED_NAMES <= set(fx.__all__)
-    assert set(fx.__all__) - EXPECTED_NAMES <= {'from_torch'}
-    for name in fx.__all__:
-      assert hasattr(fx, name), name
-
-  @pytest.mark.parametrize(
-    'name', sorted(n for n in EXPECTED_NAMES if callable(getattr(fx, n)))
-  )
-  def test_documented(self, name):
-    doc = getattr(fx, name).__doc__ or ''
-    assert 'Examples:' in doc and '>>>' in doc, name
-    assert 'Args:' in doc or 'Attributes:' in doc, name
-
-
 class TestRepr:
   def test_activation_by_name_and_no_dropout_noise(self):
     text = repr(fx.GatedFFN(D, H, activation='gelu_new', rngs=nnx.Rngs(0)))

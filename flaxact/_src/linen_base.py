@@ -6,13 +6,16 @@
 typed dataclass fields, and the calls built on them: validation, the dropout
 key, the remat wrapper, building projections, the input-width check and a
 readable ``repr``. A new layer family subclasses it, declares its own
-positional fields and its ``activation`` default, and calls
-:meth:`FFNBase.run`.
+positional fields and its ``activation`` default, and implements
+``_forward(x, key)`` (``nn.compact``); the base's ``__call__`` checks the
+input, draws the dropout key and runs ``_forward`` under remat with the
+class's ``remat_names``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -173,9 +176,49 @@ class FFNBase(nn.Module):
     'up_proj',
   )
 
-  def validate_options(self, activation: Any) -> None:
-    """Checks the shared options; raises ``ValueError``/``TypeError``."""
+  #: Checkpoint names that :meth:`run` saves under remat (subclasses set
+  #: theirs; see :mod:`flaxact._src.remat`).
+  remat_names: ClassVar[tuple[str, ...]] = ()
+
+  def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
+    """Applies the layer.
+
+    Args:
+      x: input of shape ``(..., in_features)``, floating dtype.
+      deterministic: ``False`` applies dropout (needs a ``'dropout'`` rng);
+        only needed when ``dropout_rate > 0``.
+
+    Returns:
+      An array of shape ``(..., out_features)`` in ``dtype`` (by default the
+      input's dtype).
+
+    Raises:
+      TypeError: if ``x`` is not floating point.
+      ValueError: if the last axis of ``x`` is not the width the layer was
+        initialised with, or for dropout in training mode without a
+        ``'dropout'`` rng.
+    """
+    x = self.check_input(x)
+    key = self.dropout_key(deterministic)
+    forward = type(self)._forward
+    return self.run(forward, x, key, _save_only(self.remat_names))
+
+  def _forward(self, x: Array, key: Array | None) -> Array:
+    """The layer body; subclasses implement it (``nn.compact``)."""
+    raise NotImplementedError(f'{type(self).__name__} defines no _forward.')
+
+  def validate_options(self, activation: Any, **widths: int | None) -> None:
+    """Checks the shared options and the given widths (``None`` skips one).
+
+    Raises:
+      ValueError: for a width that is not a positive integer, an unknown
+        activation name or a dropout rate outside ``[0, 1]``.
+      TypeError: for an activation that is neither a name nor a callable.
+    """
     name = type(self).__name__
+    for key, value in widths.items():
+      if value is not None:
+        checks.check_positive_int(value, key, name)
     checks.check_dropout(self.dropout_rate, self.dropout_broadcast_dims, name)
     ffn_body.resolve_activation(activation, name)
 
@@ -292,6 +335,11 @@ class FFNBase(nn.Module):
         text = _short_repr(value)
       parts.append(f'{f.name}={text}')
     return f'{type(self).__name__}({", ".join(parts)})'
+
+
+@functools.cache
+def _save_only(names: tuple[str, ...]) -> Callable[..., Any]:
+  return jax.checkpoint_policies.save_only_these_names(*names)
 
 
 _DROPOUT_FIELDS = ('dropout_broadcast_dims', 'deterministic')

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 
-from flaxact._src import checks, ffn_body, projection, remat, sharding
+from flaxact._src import ffn_body, projection, remat, sharding
 from flaxact._src.linen_base import FFNBase
 
 Array = jax.Array
@@ -94,35 +94,15 @@ class GatedFFN(FFNBase):
   activation: Activation = 'silu'
   fused_gate_up: bool = False
 
+  remat_names: ClassVar[tuple[str, ...]] = (remat.GATE, remat.UP)
+
   def __post_init__(self):
-    name = type(self).__name__
-    checks.check_positive_int(self.hidden_features, 'hidden_features', name)
-    if self.out_features is not None:
-      checks.check_positive_int(self.out_features, 'out_features', name)
-    self.validate_options(self.activation)
+    self.validate_options(
+      self.activation,
+      hidden_features=self.hidden_features,
+      out_features=self.out_features,
+    )
     super().__post_init__()
-
-  def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
-    """Applies the layer.
-
-    Args:
-      x: input of shape ``(..., in_features)``, floating dtype.
-      deterministic: ``False`` applies dropout (needs a ``'dropout'`` rng);
-        only needed when ``dropout_rate > 0``.
-
-    Returns:
-      An array of shape ``(..., out_features)`` in ``dtype`` (by default the
-      input's dtype).
-
-    Raises:
-      TypeError: if ``x`` is not floating point.
-      ValueError: if the last axis of ``x`` is not the width the layer was
-        initialised with, or for dropout in training mode without a
-        ``'dropout'`` rng.
-    """
-    x = self.check_input(x)
-    key = self.dropout_key(deterministic)
-    return self.run(GatedFFN._forward, x, key, remat.GATED_REMAT_POLICY)
 
   @nn.compact
   def _forward(self, x: Array, key: Array | None) -> Array:
@@ -312,35 +292,15 @@ class FFN(FFNBase):
   activation: Activation = 'gelu'
   use_bias: bool = True
 
+  remat_names: ClassVar[tuple[str, ...]] = (remat.UP,)
+
   def __post_init__(self):
-    name = type(self).__name__
-    checks.check_positive_int(self.hidden_features, 'hidden_features', name)
-    if self.out_features is not None:
-      checks.check_positive_int(self.out_features, 'out_features', name)
-    self.validate_options(self.activation)
+    self.validate_options(
+      self.activation,
+      hidden_features=self.hidden_features,
+      out_features=self.out_features,
+    )
     super().__post_init__()
-
-  def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
-    """Applies the layer.
-
-    Args:
-      x: input of shape ``(..., in_features)``, floating dtype.
-      deterministic: ``False`` applies dropout (needs a ``'dropout'`` rng);
-        only needed when ``dropout_rate > 0``.
-
-    Returns:
-      An array of shape ``(..., out_features)`` in ``dtype`` (by default the
-      input's dtype).
-
-    Raises:
-      TypeError: if ``x`` is not floating point.
-      ValueError: if the last axis of ``x`` is not the width the layer was
-        initialised with, or for dropout in training mode without a
-        ``'dropout'`` rng.
-    """
-    x = self.check_input(x)
-    key = self.dropout_key(deterministic)
-    return self.run(FFN._forward, x, key, remat.FFN_REMAT_POLICY)
 
   @nn.compact
   def _forward(self, x: Array, key: Array | None) -> Array:
