@@ -232,7 +232,8 @@ def moe_ffn(
     >>> import jax, jax.numpy as jnp, flaxact
     >>> ks = jax.random.split(jax.random.key(0), 4)
     >>> x = jax.random.normal(ks[0], (6, 8))
-    >>> y, aux = flaxact.moe_ffn(
+    >>> moe = jax.jit(flaxact.moe_ffn, static_argnames='experts_per_token')
+    >>> y, aux = moe(
     ...     x, jax.random.normal(ks[1], (8, 4)),
     ...     jax.random.normal(ks[2], (4, 8, 16)),
     ...     jax.random.normal(ks[3], (4, 8, 16)),
