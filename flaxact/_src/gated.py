@@ -29,10 +29,10 @@ from flaxact._src.checks import (
   compute_dtype,
   split_halves,
 )
-from flaxact._src.gelu import _gelu, _gelu_tanh
-from flaxact._src.piecewise import _relu
-from flaxact._src.sigmoid import _sigmoid
-from flaxact._src.swish import _silu
+from flaxact._src.gelu import gelu_kernel, gelu_tanh_kernel
+from flaxact._src.piecewise import relu_kernel
+from flaxact._src.sigmoid import sigmoid_kernel
+from flaxact._src.swish import silu_kernel
 
 Array = jax.Array
 
@@ -96,7 +96,7 @@ def glu(x: Any, axis: int = -1) -> Array:
     Dauphin et al., "Language Modeling with Gated Convolutional Networks",
     ICML 2017. https://arxiv.org/abs/1612.08083
   """
-  return _split_gated(_sigmoid, x, axis)
+  return _split_gated(sigmoid_kernel, x, axis)
 
 
 def reglu(x: Any, axis: int = -1) -> Array:
@@ -124,7 +124,7 @@ def reglu(x: Any, axis: int = -1) -> Array:
     Shazeer, "GLU Variants Improve Transformer", 2020.
     https://arxiv.org/abs/2002.05202
   """
-  return _split_gated(_relu, x, axis)
+  return _split_gated(relu_kernel, x, axis)
 
 
 def geglu(x: Any, axis: int = -1) -> Array:
@@ -155,7 +155,7 @@ def geglu(x: Any, axis: int = -1) -> Array:
   See also:
     :func:`geglu_tanh` for the tanh-GELU variant used by T5.1.1 and Gemma.
   """
-  return _split_gated(_gelu, x, axis)
+  return _split_gated(gelu_kernel, x, axis)
 
 
 def geglu_tanh(x: Any, axis: int = -1) -> Array:
@@ -178,7 +178,7 @@ def geglu_tanh(x: Any, axis: int = -1) -> Array:
     >>> flaxact.geglu_tanh(jnp.zeros((6, 4)), axis=0).shape
     (3, 4)
   """
-  return _split_gated(_gelu_tanh, x, axis)
+  return _split_gated(gelu_tanh_kernel, x, axis)
 
 
 def swiglu(x: Any, axis: int = -1) -> Array:
@@ -206,7 +206,7 @@ def swiglu(x: Any, axis: int = -1) -> Array:
     Shazeer, "GLU Variants Improve Transformer", 2020.
     https://arxiv.org/abs/2002.05202
   """
-  return _split_gated(_silu, x, axis)
+  return _split_gated(silu_kernel, x, axis)
 
 
 def bilinear(x: Any, axis: int = -1) -> Array:

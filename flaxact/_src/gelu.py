@@ -84,7 +84,7 @@ def _gelu_derivative(x: Array) -> Array:
   return cdf + jnp.clip(x, -_CLIP, _CLIP) * pdf
 
 
-_gelu = with_derivative(
+gelu_kernel = with_derivative(
   lambda x: times_with_zero_limit(x, normal_cdf_pdf(x)[0]), _gelu_derivative
 )
 
@@ -96,7 +96,7 @@ def _gelu_tanh_parts(x: Array) -> tuple[Array, Array]:
   return times_with_zero_limit(x, s), s + xc * ds * (_A + 3 * _B * x2)
 
 
-_gelu_tanh = with_derivative(
+gelu_tanh_kernel = with_derivative(
   lambda x: _gelu_tanh_parts(x)[0], lambda x: _gelu_tanh_parts(x)[1]
 )
 
@@ -136,7 +136,7 @@ def gelu(x: Any, approximate: bool = False) -> Array:
   """
   if approximate:
     return gelu_tanh(x)
-  return apply_elementwise(_gelu, x)
+  return apply_elementwise(gelu_kernel, x)
 
 
 def gelu_tanh(x: Any) -> Array:
@@ -169,4 +169,4 @@ def gelu_tanh(x: Any) -> Array:
     Hendrycks & Gimpel, "Gaussian Error Linear Units (GELUs)", 2016.
     https://arxiv.org/abs/1606.08415
   """
-  return apply_elementwise(_gelu_tanh, x)
+  return apply_elementwise(gelu_tanh_kernel, x)

@@ -21,14 +21,14 @@ Array = jax.Array
 
 
 @jax.custom_jvp
-def _relu(x: Array) -> Array:
+def relu_kernel(x: Array) -> Array:
   return jnp.maximum(x, 0)
 
 
-@_relu.defjvp
+@relu_kernel.defjvp
 def _relu_jvp(primals, tangents):
   (x,), (t,) = primals, tangents
-  return _relu(x), jnp.where(x > 0, t, jnp.zeros_like(t))
+  return relu_kernel(x), jnp.where(x > 0, t, jnp.zeros_like(t))
 
 
 @jax.custom_jvp
@@ -88,7 +88,7 @@ def relu(x: Any) -> Array:
   See also:
     :func:`leaky_relu`, :func:`relu6`, :func:`relu_squared`.
   """
-  return apply_elementwise(_relu, x)
+  return apply_elementwise(relu_kernel, x)
 
 
 def relu6(x: Any) -> Array:
@@ -121,7 +121,7 @@ def leaky_relu(x: Any, negative_slope: Any = 0.01) -> Array:
   r"""Leaky rectified linear unit.
 
   .. math::
-    \mathrm{leaky\_relu}(x) = \begin{cases} x & x > 0 \\
+    \mathrm{leaky\relu_kernel}(x) = \begin{cases} x & x > 0 \\
       \alpha x & x \le 0 \end{cases}
 
   The derivative at 0 is ``negative_slope``, as in PyTorch (``jax.nn``
@@ -172,14 +172,14 @@ def relu_squared(x: Any) -> Array:
     So et al., "Primer: Searching for Efficient Transformers for Language
     Modeling", NeurIPS 2021. https://arxiv.org/abs/2109.08668
   """
-  return apply_elementwise(lambda v: jnp.square(_relu(v)), x)
+  return apply_elementwise(lambda v: jnp.square(relu_kernel(v)), x)
 
 
 def hard_sigmoid(x: Any) -> Array:
   r"""Piecewise-linear approximation of the sigmoid.
 
   .. math::
-    \mathrm{hard\_sigmoid}(x) = \mathrm{relu6}(x + 3) / 6
+    \mathrm{hard\sigmoid_kernel}(x) = \mathrm{relu6}(x + 3) / 6
 
   Derivative 1/6 on (-3, 3) and 0 elsewhere, including at the breakpoints ±3
   (as PyTorch ``hardsigmoid`` and ``jax.nn.hard_sigmoid``).
@@ -205,7 +205,7 @@ def hard_silu(x: Any) -> Array:
   r"""Hard SiLU, also called hard swish.
 
   .. math::
-    \mathrm{hard\_silu}(x) = x \cdot \mathrm{relu6}(x + 3) / 6
+    \mathrm{hard\silu_kernel}(x) = x \cdot \mathrm{relu6}(x + 3) / 6
 
   Derivative: 0 below -3, :math:`x/3 + 1/2` on [-3, 3], 1 above 3. At the
   breakpoints this gives ``hard_silu'(-3) = -0.5`` and ``hard_silu'(3) = 1.5``,

@@ -48,7 +48,7 @@ def times_with_zero_limit(x: Array, s: Array) -> Array:
 # it, so the backward pass does no second logistic. The derivative's absolute
 # error stays below 1e-7 in float32 (its relative accuracy in the upper tail,
 # where y rounds to 1, is lost: the derivative there is below 6e-8).
-_sigmoid = with_output_derivative(jax.lax.logistic, lambda y: y * (1 - y))
+sigmoid_kernel = with_output_derivative(jax.lax.logistic, lambda y: y * (1 - y))
 # Half precision computes in float32 and returns the rounded value: the
 # float32 value is not an output, so keeping it for the backward pass would
 # materialise it. The derivative is recomputed from x instead.
@@ -94,7 +94,7 @@ def sigmoid(x: Any) -> Array:
   """
   x = as_float_array(x)
   half = x.dtype in (jnp.bfloat16, jnp.float16)
-  return apply_elementwise(_sigmoid_recomputed if half else _sigmoid, x)
+  return apply_elementwise(_sigmoid_recomputed if half else sigmoid_kernel, x)
 
 
 def tanh(x: Any) -> Array:

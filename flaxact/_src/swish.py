@@ -32,14 +32,14 @@ def _silu_derivative(x: Array) -> Array:
   return s + finite_or_zero(x) * ds
 
 
-_silu = with_derivative(
+silu_kernel = with_derivative(
   lambda x: times_with_zero_limit(x, sigmoid_parts(x)[0]), _silu_derivative
 )
 
 
 def _swish(x: Array, beta: Any) -> Array:
   if isinstance(beta, float) and beta == 1.0:
-    return _silu(x)
+    return silu_kernel(x)
   return _swish_beta(x, jnp.asarray(beta, x.dtype))
 
 
@@ -120,7 +120,7 @@ def silu(x: Any) -> Array:
   See also:
     :func:`swish`, :func:`swiglu`.
   """
-  return apply_elementwise(_silu, x)
+  return apply_elementwise(silu_kernel, x)
 
 
 def swish(x: Any, beta: Any = 1.0) -> Array:
@@ -156,7 +156,7 @@ def quick_gelu(x: Any) -> Array:
   r"""The sigmoid approximation of GELU used by CLIP.
 
   .. math::
-    \mathrm{quick\_gelu}(x) = x \, \sigma(1.702 x)
+    \mathrm{quick\gelu_kernel}(x) = x \, \sigma(1.702 x)
 
   Args:
     x: input array of any shape and floating dtype.
