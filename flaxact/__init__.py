@@ -27,7 +27,6 @@ from flaxact._src.hf_extra import gelu_10 as gelu_10
 from flaxact._src.hf_extra import laplace as laplace
 from flaxact._src.hf_extra import sqrt_softplus as sqrt_softplus
 from flaxact._src.hidden import ffn_hidden_features as ffn_hidden_features
-from flaxact._src.moe import MOE_REMAT_POLICY as MOE_REMAT_POLICY
 from flaxact._src.moe import MoEAux as MoEAux
 from flaxact._src.moe import moe_ffn as moe_ffn
 from flaxact._src.piecewise import hard_sigmoid as hard_sigmoid
@@ -61,7 +60,6 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
 
 __all__ = [
   'ACTIVATIONS',
-  'MOE_REMAT_POLICY',
   'MoEAux',
   'bilinear',
   'celu',

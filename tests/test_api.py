@@ -55,7 +55,6 @@ EXPECTED = {
     'ffn_hidden_features',
     'get_activation',
     # routed FFNs
-    'MOE_REMAT_POLICY',
     'MoEAux',
     'load_balancing_loss',
     'moe_ffn',

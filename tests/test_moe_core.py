@@ -177,7 +177,7 @@ def test_backward_keeps_two_hidden_sized_arrays(impl):
   args = (w['x'], w['gate_kernel'], w['up_kernel'], w['down_kernel'])
   hidden = residuals_of_shape(loss, args, (rows, H))
   assert len(hidden) == 2, hidden
-  remat = jax.checkpoint(loss, policy=flaxact.MOE_REMAT_POLICY)
+  remat = jax.checkpoint(loss, policy=moe_core.MOE_REMAT_POLICY)
   hidden = residuals_of_shape(remat, args, (rows, H))
   assert len(hidden) == 2 and "named 'moe_gate'" in ' '.join(hidden), hidden
 

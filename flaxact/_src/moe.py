@@ -5,7 +5,9 @@ top-k routing, the dispatch into groups sorted by expert, the gated expert
 FFNs and the weighted combine, plus the auxiliary outputs a layer records.
 
 Checkpoint names: the experts' gate and up pre-activations are tagged
-``'moe_gate'`` and ``'moe_up'``; :data:`MOE_REMAT_POLICY` saves just those.
+``'moe_gate'`` and ``'moe_up'``; :data:`MOE_REMAT_POLICY`
+(``jax.checkpoint_policies.save_only_these_names('moe_gate', 'moe_up')``)
+saves just those.
 The function's own backward pass already keeps only them (and ``x`` and the
 integer routing metadata), so remat is needed only to drop the router's
 small ``(T, E)`` intermediates.
@@ -54,6 +56,20 @@ class MoEAux(NamedTuple):
     dropped_tokens: ``()`` int32 number of dropped assignments.
     load_balancing_loss: float32 scalar (on ``softmax(logits)``).
     router_z_loss: float32 scalar.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxact
+    >>> E, d, h = 4, 8, 16
+    >>> ks = jax.random.split(jax.random.key(0), 5)
+    >>> x = jax.random.normal(ks[0], (6, d))
+    >>> router = jax.random.normal(ks[1], (d, E))
+    >>> gate, up = (jax.random.normal(k, (E, d, h)) for k in ks[2:4])
+    >>> down = jax.random.normal(ks[4], (E, h, d))
+    >>> moe = jax.jit(flaxact.moe_ffn, static_argnames='experts_per_token')
+    >>> y, aux = moe(x, router, gate, up, down, experts_per_token=2)
+    >>> aux.experts.shape, int(aux.expert_load.sum())
+    ((6, 2), 12)
   """
 
   router_logits: Array
