@@ -50,7 +50,10 @@ def test_mixed_dtypes_promote():
 
 
 def test_loading_never_imports_torch():
-  """torch is blocked (sys.modules['torch'] = None): any import would fail."""
+  """torch is blocked (sys.modules['torch'] = None): any import would fail.
+
+  Dense and every MoE layout are loaded, Linen and NNX, and applied.
+  """
   code = """
 import sys
 sys.modules['torch'] = None
@@ -63,6 +66,13 @@ sd = {k: FakeTensor(v) for k, v in REFERENCE['starcoder2']['sd'].items()}
 layer, variables = fl.from_torch(sd, layout='starcoder2')
 layer.apply(variables, jnp.ones((2, 8)))
 fx.from_torch(sd, layout='starcoder2')(jnp.ones((2, 8)))
+from tests.moe_torch_helpers import LAYOUTS, REFERENCE as MOE
+for name in LAYOUTS:
+  moe = {k: FakeTensor(v) for k, v in MOE[name]['stacked'].items()}
+  config = MOE[name]['config']
+  layer, variables = fl.from_torch(moe, layout=name, config=config)
+  fx.from_torch(moe, layout=name, config=config)
+layer.apply(variables, jnp.ones((2, 16)))
 print('ok')
 """
   result = subprocess.run(
