@@ -152,18 +152,30 @@ def _table_rows(text: str) -> dict[str, str]:
   return rows
 
 
+def _moe_activations() -> dict[str, str]:
+  """Each MoE layout's default activation, from its routing settings."""
+  from flaxact._src.moe_torch_settings import SPECS
+
+  return {
+    name: spec.read['activation'].default if 'activation' in spec.read
+    else 'gpt_oss_glu'
+    for name, spec in SPECS.items()
+  }  # fmt: skip
+
+
 def test_readme_table_lists_every_layout_with_its_activation():
-  """The README's table is a copy for readers: it must match LAYOUTS."""
+  """The README's table is a copy for readers: it must match the source."""
   section = README.read_text().split('## Loading PyTorch weights')[1]
   section = section.split('\n## ')[0]
   rows = _table_rows(section)
-  assert rows == {n: s.activation for n, s in LAYOUTS.items()}
+  expected = {n: s.activation for n, s in LAYOUTS.items()}
+  assert rows == {**expected, **_moe_activations()}
 
 
 def test_the_source_has_one_layout_table():
   """The module docstring of torch_layouts is the table; builders refer."""
   doc = torch_layouts.__doc__ or ''
-  for name in LAYOUTS:
+  for name in [*LAYOUTS, *_moe_activations()]:
     assert f'``{name}``' in doc, name
   import flaxact._src.linen_torch as linen_torch
   import flaxact._src.nnx_torch as nnx_torch

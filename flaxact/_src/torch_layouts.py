@@ -31,6 +31,34 @@ layout          keys                                        activation
                 then up), ``down_proj.weight``
 ==============  ==========================================  ===============
 
+Routed FFNs (mixture of experts) give an ``MoE``; their keys are read by
+:mod:`flaxact._src.moe_torch_layouts`, their routing settings by
+:mod:`flaxact._src.moe_torch_settings`. "experts" are either the per-expert
+``experts.{i}.gate_proj/up_proj/down_proj.weight`` of the published
+checkpoints or the stacked ``experts.gate_up_proj`` ``(E, 2h, in)`` and
+``experts.down_proj`` ``(E, out, h)`` of ``transformers`` 5 modules:
+
+===============  ========================================  ===============
+layout           keys                                      activation
+===============  ========================================  ===============
+``mixtral``      ``gate.weight``, experts (per expert      ``silu``
+                 ``w1``/``w3``/``w2``: gate/up/down)
+``qwen2_moe``    ``gate.weight``, experts,                 ``silu``
+                 ``shared_expert.*``,
+                 ``shared_expert_gate.weight``
+``qwen3_moe``,   ``gate.weight``, experts                  ``silu``
+``olmoe``
+``deepseek_v3``  ``gate.weight``, experts,                 ``silu``
+                 ``gate.e_score_correction_bias``,
+                 ``shared_experts.*``
+``gpt_oss``      ``router.weight``/``bias``, experts with  ``gpt_oss_glu``
+                 biases (stacked ``(E, in, 2h)``, gate
+                 and up in alternate columns)
+===============  ========================================  ===============
+
+The MoE activation is ``config.hidden_act`` where given (GPT-OSS's clamped
+product takes ``swiglu_alpha``/``swiglu_limit`` instead).
+
 A gated layout (``llama`` and its aliases, ``t5_gated``, ``phi3``) gives a
 ``GatedFFN``, the others an ``FFN``. The default activation is the one of the
 model's published configuration; ``activation=`` overrides it (Gemma 2 and 3
