@@ -71,7 +71,9 @@ def _fill(abstract: Any, collections: Mapping[str, Any]) -> Any:
 def _variables(layer: nn.Module, in_features: int, values: Any) -> Any:
   """The layer's variables, structured as ``layer.init``'s, with values."""
   x = jax.ShapeDtypeStruct((1, in_features), jnp.float32)
-  kwargs = {} if isinstance(layer, MoE) else {'deterministic': True}
+  kwargs: dict[str, Any] = (
+    {} if isinstance(layer, MoE) else {'deterministic': True}
+  )
   abstract = jax.eval_shape(
     lambda x: layer.init(jax.random.key(0), x, **kwargs), x
   )

@@ -80,9 +80,7 @@ def resolve_any_layout(layout: Any) -> tuple[str, bool]:
   """
   dense, moe = sorted(LAYOUTS), sorted(MOE_LAYOUTS)
   key = (
-    layout.strip().lower().replace('-', '_')
-    if isinstance(layout, str)
-    else None
+    layout.strip().lower().replace('-', '_') if isinstance(layout, str) else ''
   )
   if key in LAYOUTS or key in MOE_LAYOUTS:
     return key, key in MOE_LAYOUTS
