@@ -37,7 +37,7 @@ from moelm import arms, train
 
 import flaxact
 
-DEFAULT_STEPS = 500
+DEFAULT_STEPS = 400
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
       ' print a table, write results.json and moe_lm.png. Data: the first'
       ' 90% of --text trains, the last 10% validates; without --text, the'
       ' source of 30 standard-library modules of the running Python (no'
-      ' download). The default run, 4 arms x 500 steps, is sized to finish'
+      ' download). The default run, 4 arms x 400 steps, is sized to finish'
       ' within 5 minutes on 2 idle CPU cores (estimated; see'
       ' examples/README.md). The validation loss in the table is the whole'
       ' validation split.'

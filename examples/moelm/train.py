@@ -130,6 +130,7 @@ def train_loop(
   curve = {'step': [], 'train_bpc': [], 'val_bpc': [], 'val_is_estimate': []}
   ce_log, balance_log, loads = [], [], []
   seconds = {'first_step': 0.0, 'train': 0.0, 'eval': 0.0}
+  cpu0 = time.process_time()
   done = 0
   for stop in _stops(cfg):
     t0 = time.perf_counter()
@@ -162,6 +163,9 @@ def train_loop(
     curve['val_bpc'].append(val)
     curve['val_is_estimate'].append(validator.estimate and not last)
     bar.set_postfix_str(f'train={curve["train_bpc"][-1]:.3f} val={val:.3f}')
+  # CPU seconds of this process (all threads): on a shared machine, a bound
+  # on the wall time the same run would take on idle cores.
+  seconds['process_cpu'] = time.process_time() - cpu0
   return curve, ce_log, balance_log, np.stack(loads), seconds, stats
 
 
