@@ -28,7 +28,7 @@ NOTEBOOKS = os.path.join(ROOT, 'notebooks')
 SHAKESPEARE = os.path.join(
   os.path.dirname(ROOT), 'shared', 'data', 'tinyshakespeare.txt'
 )
-NAMES = ['activations.ipynb', 'glu_variants.ipynb']
+NAMES = ['activations.ipynb', 'glu_variants.ipynb', 'moe.ipynb']
 
 
 def execute(name, env):
@@ -144,3 +144,27 @@ def test_glu_variants_notebook_runs():
     assert f'| {variant} |' in out, out
   assert 'whole validation split' in out
   assert images_in(nb) == 1
+
+
+def test_moe_notebook_runs():
+  import importlib.util
+  import re
+
+  env = {'FLAXACT_QUICK': '1'}
+  if os.path.exists(SHAKESPEARE):
+    env['FLAXACT_TEXT'] = SHAKESPEARE
+  elif _CI:
+    pytest.fail(f'tiny Shakespeare not found at {SHAKESPEARE}; CI needs it')
+  nb = execute('moe.ipynb', env)
+  out = stdout_of(nb)
+  assert 'tokens per expert' in out and 'recorded by the layer' in out
+  for arm in ('dense', 'MoE softmax', 'MoE sigmoid'):
+    assert f'| {arm} |' in out, out
+  # The transformers comparison runs where torch and transformers are
+  # installed (not required by the suite) and is skipped cleanly elsewhere.
+  if all(importlib.util.find_spec(m) for m in ('torch', 'transformers')):
+    err = re.search(r'max \|flaxact - transformers\| .* = (\S+)', out)
+    assert err and float(err.group(1)) < 1e-5, out
+  else:
+    assert 'skipped: torch and transformers are needed' in out, out
+  assert images_in(nb) == 3
