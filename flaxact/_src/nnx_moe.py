@@ -404,10 +404,13 @@ class MoE(FFNBase):
       precision=self.precision,
     )
     if self.shared_expert is not None:
+      # The shared expert before its gate, as in Linen: the same order of
+      # operations, so input gradients are bit-identical too.
+      shared = self.shared_expert(xc)
       gate = None
       if self.shared_expert_gate is not None:
         gate = self.shared_expert_gate(xc, dtype=dtype)
-      y = moe_layer.add_shared(y, self.shared_expert(xc), gate)
+      y = moe_layer.add_shared(y, shared, gate)
     return y, aux
 
   def __nnx_repr__(self):
