@@ -7,24 +7,9 @@ the Linen and NNX ``from_torch`` build the layers from it. **torch is never
 imported.** Each layout accepts both key formats (see
 :mod:`flaxact._src.moe_torch_arrays`): the per-expert keys of the published
 checkpoints and the stacked tensors of ``transformers`` 5 modules. Keys are
-relative to the block (``prefix=`` selects it from a whole model's):
-
-===========  ====================================  ===========================
-layout       module (``transformers`` 5)            keys besides the experts'
-===========  ====================================  ===========================
-mixtral      ``MixtralSparseMoeBlock`` (per         ``gate.weight``
-             expert ``w1``/``w3``/``w2``)
-qwen2_moe    ``Qwen2MoeSparseMoeBlock``             ``gate.weight``,
-                                                    ``shared_expert.*``,
-                                                    ``shared_expert_gate.weight``
-qwen3_moe    ``Qwen3MoeSparseMoeBlock``             ``gate.weight``
-deepseek_v3  ``DeepseekV3MoE``                      ``gate.weight``,
-                                                    ``gate.e_score_correction_
-                                                    bias``, ``shared_experts.*``
-gpt_oss      ``GptOssMLP``                          ``router.weight``,
-                                                    ``router.bias``
-olmoe        ``OlmoeSparseMoeBlock``                ``gate.weight``
-===========  ====================================  ===========================
+relative to the block (``prefix=`` selects it from a whole model's). The
+layouts, their ``transformers`` modules and keys are tabled once, in
+:mod:`flaxact._src.torch_layouts`.
 
 Routing settings come from ``config=``, keyword overrides and published
 defaults: see :mod:`flaxact._src.moe_torch_settings`.

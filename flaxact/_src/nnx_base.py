@@ -62,7 +62,8 @@ class ProjectionOptions:
   dot_general_cls: projection.DotGeneralCls | None
 
 
-def _param(init, key, shape, dtype, axes) -> nnx.Param:
+def make_param(init, key, shape, dtype, axes) -> nnx.Param:
+  """An ``nnx.Param`` from ``init`` with logical axis names ``axes``."""
   # Shard eagerly only under a mesh (jax.set_mesh), so the layers also work,
   # unsharded, where no mesh is set.
   eager = nnx.using_eager_sharding() and not (
@@ -106,7 +107,7 @@ class Projection(nnx.Module):
     if options.dot_general_cls is not None:
       dot_general = options.dot_general_cls()
     self.dot_general = dot_general
-    self.kernel = _param(
+    self.kernel = make_param(
       init,
       rngs.params(),
       (in_features, *features),
@@ -115,7 +116,7 @@ class Projection(nnx.Module):
     )
     self.bias: nnx.Param | None
     if options.use_bias:
-      self.bias = _param(
+      self.bias = make_param(
         options.bias_init, rngs.params(), features, options.param_dtype, axes[1]
       )
     else:

@@ -50,8 +50,8 @@ from flaxact._src.nnx_base import (
   ProjectionOptions,
   default_bias_init,
   default_kernel_init,
+  make_param,
 )
-from flaxact._src.nnx_base import _param as make_param
 from flaxact._src.nnx_gated import GatedFFN
 from flaxact._src.projection import DotGeneralCls
 
