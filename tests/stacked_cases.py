@@ -20,6 +20,14 @@ Stacks:
   input with ``nnx.vmap`` (an ensemble), outputs summed.
 - ``linen_scan``: ``nn.scan`` with ``metadata_params={nn.PARTITION_NAME:
   'layers'}``, a residual stack.
+
+Layers: ``GatedFFN`` (``SwiGLU``) and ``FFN`` in every stack; ``MoE``
+(softmax router) and ``MoE-sigmoid`` (sigmoid router, whose non-trainable
+``score_correction_bias`` -- ``nnx.BatchStat`` / Linen ``'batch_stats'`` --
+is stacked too and set to nonzero values so routing depends on it) in the
+two residual stacks. Under ``EXPERT_PARALLEL_RULES`` (mesh ``data=2,
+expert=4``) the stacked MoE runs expert-parallel (``shard_map`` with
+all-to-all) inside the scan.
 """
 
 from __future__ import annotations
@@ -41,9 +49,18 @@ from flaxact import linen as fl
 from flaxact import nnx as fx
 
 B, D, H, L = 8, 16, 32, 4
+# MoE: expert hidden width, experts, experts per token.
+H_MOE, E, K = 16, 4, 2
 STACKS = ('nnx_scan', 'nnx_vmap', 'linen_scan')
-LAYERS = ('GatedFFN', 'FFN')
+LAYERS = ('GatedFFN', 'FFN', 'MoE', 'MoE-sigmoid')
+# The ensemble stack runs dense layers only.
+STACK_LAYERS = {
+  'nnx_scan': LAYERS,
+  'nnx_vmap': ('GatedFFN', 'FFN'),
+  'linen_scan': LAYERS,
+}
 META = {nnx.PARTITION_NAME: 'layers'}
+STATS = 'batch_stats'  # key prefix of non-trainable variables
 # An all-reduce sums partial products in another order than one matmul does,
 # and four layers compound it (as tests/sharding_cases.py, one layer: 1e-5).
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -55,6 +72,14 @@ AXES = {
   ('gate_proj', 'bias'): ('mlp',),
   ('up_proj', 'bias'): ('mlp',),
   ('down_proj', 'bias'): ('embed',),
+}
+MOE_AXES = {
+  ('router', 'kernel'): ('embed', None),
+  ('gate_proj', 'kernel'): ('exp', 'embed', 'mlp'),
+  ('up_proj', 'kernel'): ('exp', 'embed', 'mlp'),
+  ('down_proj', 'kernel'): ('exp', 'mlp', 'embed'),
+  # Non-trainable, no logical axes: replicated.
+  (STATS, 'score_correction_bias'): (None,),
 }
 
 
@@ -69,11 +94,25 @@ def rule_sets() -> dict[str, tuple]:
   return found
 
 
+# The sigmoid router's stacked bias once per stack, expert-parallel (the
+# cases are slow to compile; the softmax MoE covers every rule set).
+ONLY_RULES = {'MoE-sigmoid': ('EXPERT_PARALLEL_RULES',)}
+
+
+def cases() -> list[tuple[str, str, str]]:
+  """``(stack, layer, rule set name)`` of every case, in the order they run."""
+  return [
+    (s, layer, r)
+    for s in STACKS
+    for layer in STACK_LAYERS[s]
+    for r in rule_sets()
+    if r in ONLY_RULES.get(layer, (r,))
+  ]
+
+
 def case_ids() -> list[str]:
   """``stack-layer-RULES`` for every case, in the order they run."""
-  return [
-    f'{s}-{layer}-{r}' for s in STACKS for layer in LAYERS for r in rule_sets()
-  ]
+  return ['-'.join(case) for case in cases()]
 
 
 def make_mesh(rules) -> jax.sharding.Mesh:
@@ -103,9 +142,19 @@ def _spec(array) -> list:
 
 
 def _layer(kind, *, rngs=None):
+  if kind.startswith('MoE'):
+    router = 'sigmoid' if kind == 'MoE-sigmoid' else 'softmax'
+    if rngs:
+      return fx.MoE(D, H_MOE, E, K, router=router, rngs=rngs)
+    return fl.MoE(H_MOE, num_experts=E, experts_per_token=K, router=router)
   if kind == 'GatedFFN':
     return fx.SwiGLU(D, H, rngs=rngs) if rngs else fl.SwiGLU(H)
   return fx.FFN(D, H, rngs=rngs) if rngs else fl.FFN(H)
+
+
+def _bias():
+  """A nonzero stacked ``score_correction_bias`` ``(L, E)``."""
+  return 0.1 * jax.random.normal(jax.random.key(2), (L, E))
 
 
 def _loss(y):
@@ -125,7 +174,11 @@ def _nnx_create(kind):
   def create(rngs):
     return _layer(kind, rngs=rngs)
 
-  return create(nnx.Rngs(0))
+  layers = create(nnx.Rngs(0))
+  if kind == 'MoE-sigmoid':
+    bias = layers.score_correction_bias
+    bias[...] = jax.device_put(_bias(), bias[...].sharding)
+  return layers
 
 
 def _nnx_forward(stack, layers, x):
@@ -157,8 +210,12 @@ def _nnx_step(stack, layers, optimizer, x):
 
 
 def _nnx_params(layers) -> dict:
+  """Parameters by path; ``nnx.BatchStat`` variables under ``STATS``."""
   flat = nnx.to_flat_state(nnx.state(layers, nnx.Param))
-  return {tuple(map(str, path)): v[...] for path, v in flat}
+  found = {tuple(map(str, path)): v[...] for path, v in flat}
+  for path, v in nnx.to_flat_state(nnx.state(layers, nnx.BatchStat)):
+    found[(STATS, str(path[-1]))] = v[...]
+  return found
 
 
 def _x():
@@ -200,16 +257,16 @@ class _Block(nn.Module):
 def _linen_stack(kind):
   return nn.scan(
     _Block,
-    variable_axes={'params': 0},
+    variable_axes={'params': 0, STATS: 0, 'intermediates': 0},
     split_rngs={'params': True},
     length=L,
     metadata_params={nn.PARTITION_NAME: 'layers'},
   )(kind)
 
 
-def _linen_step(model, params, opt_state, x):
+def _linen_step(model, params, stats, opt_state, x):
   def loss(p):
-    y = model.apply({'params': p}, x, None)[0]
+    y = model.apply({'params': p, **stats}, x, None)[0]
     return _loss(y), y
 
   (value, y), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -217,18 +274,34 @@ def _linen_step(model, params, opt_state, x):
   return optax.apply_updates(params, updates), opt_state, (value, y)
 
 
-def _linen_flat(params) -> dict:
+def _linen_variables(variables):
+  """``(params, stats)``: ``stats`` is ``{}`` or ``{STATS: ...}``, set to
+  :func:`_bias` (the same values as the NNX stack)."""
+  variables = nn.unbox(variables)
+  stats = {}
+  if STATS in variables:
+    stats = jax.tree.map(
+      lambda a: jax.device_put(_bias().astype(a.dtype), a.sharding),
+      {STATS: variables[STATS]},
+    )
+  return variables['params'], stats
+
+
+def _linen_flat(params, stats) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {tuple(k.key for k in path[-2:]): a for path, a in flat}
+  found = {tuple(k.key for k in path[-2:]): a for path, a in flat}
+  for path, a in jax.tree_util.tree_flatten_with_path(stats)[0]:
+    found[(STATS, path[-1].key)] = a
+  return found
 
 
 def linen_reference(kind):
   """Updated parameters and ``(loss, output)`` of one unsharded step."""
   model = _linen_stack(kind)
-  params = nn.unbox(model.init(jax.random.key(0), _x(), None))['params']
+  params, stats = _linen_variables(model.init(jax.random.key(0), _x(), None))
   step = jax.jit(_linen_step, static_argnums=0)
-  new, _, got = step(model, params, _tx().init(params), _x())
-  return _linen_flat(new), got
+  new, _, got = step(model, params, stats, _tx().init(params), _x())
+  return _linen_flat(new, stats), got
 
 
 def linen_sharded(kind, rules, mesh):
@@ -240,16 +313,16 @@ def linen_sharded(kind, rules, mesh):
       nn.get_partition_spec(abstract), mesh, rules
     )
     init = jax.jit(model.init, out_shardings=shardings)
-    params = nn.unbox(init(jax.random.key(0), _x(), None))['params']
-    before = {k: _spec(a) for k, a in _linen_flat(params).items()}
+    params, stats = _linen_variables(init(jax.random.key(0), _x(), None))
+    before = {k: _spec(a) for k, a in _linen_flat(params, stats).items()}
     x = jax.device_put(
       _x(), jax.sharding.NamedSharding(mesh, logical_spec(rules, 'batch'))
     )
     opt_state = jax.jit(_tx().init)(params)
     new, _, got = jax.jit(_linen_step, static_argnums=0)(
-      model, params, opt_state, x
+      model, params, stats, opt_state, x
     )
-  return before, _linen_flat(new), got
+  return before, _linen_flat(new, stats), got
 
 
 # ------------------------------------------------------------------ cases
@@ -283,8 +356,9 @@ def run_case(stack, kind, rules) -> dict:
     before, new, got = nnx_sharded(stack, kind, rules, mesh)
   ref, want = reference(stack, kind)
   specs = {}
+  axes = MOE_AXES if kind.startswith('MoE') else AXES
   for key, array in new.items():
-    logical = ('layers', *AXES[key[-2:]])
+    logical = ('layers', *axes[key[-2:]])
     specs['/'.join(key)] = {
       'before': before[key],
       'after': _spec(array),
@@ -306,17 +380,15 @@ def main() -> None:
     raise SystemExit(f'needs 8 devices, got {jax.device_count()}')
   results = {}
   with jax.default_matmul_precision('highest'):
-    for stack in STACKS:
-      for kind in LAYERS:
-        for name, rules in rule_sets().items():
-          case = f'{stack}-{kind}-{name}'
-          start = time.perf_counter()
-          try:
-            results[case] = run_case(stack, kind, rules)
-          except Exception:  # reported per case; the pytest side fails it
-            results[case] = {'error': traceback.format_exc()}
-          seconds = time.perf_counter() - start
-          print(f'{case}: {seconds:.1f} s', file=sys.stderr)
+    for stack, kind, name in cases():
+      case = f'{stack}-{kind}-{name}'
+      start = time.perf_counter()
+      try:
+        results[case] = run_case(stack, kind, rule_sets()[name])
+      except Exception:  # reported per case; the pytest side fails it
+        results[case] = {'error': traceback.format_exc()}
+      seconds = time.perf_counter() - start
+      print(f'{case}: {seconds:.1f} s', file=sys.stderr)
   json.dump(results, sys.stdout)
 
 
