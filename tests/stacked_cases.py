@@ -94,9 +94,16 @@ def rule_sets() -> dict[str, tuple]:
   return found
 
 
-# The sigmoid router's stacked bias once per stack, expert-parallel (the
-# cases are slow to compile; the softmax MoE covers every rule set).
-ONLY_RULES = {'MoE-sigmoid': ('EXPERT_PARALLEL_RULES',)}
+# MoE cases are slow to compile, so: the sigmoid router's stacked bias once
+# per stack, expert-parallel; the softmax MoE under every rule set in NNX
+# (which passes a logical name the rules do not map to the mesh unchanged,
+# so every rule set must map 'exp') and in Linen (which replicates such
+# names) under the expert-parallel and tensor-parallel sets.
+ONLY_RULES = {
+  ('nnx_scan', 'MoE-sigmoid'): ('EXPERT_PARALLEL_RULES',),
+  ('linen_scan', 'MoE-sigmoid'): ('EXPERT_PARALLEL_RULES',),
+  ('linen_scan', 'MoE'): ('EXPERT_PARALLEL_RULES', 'TENSOR_PARALLEL_RULES'),
+}
 
 
 def cases() -> list[tuple[str, str, str]]:
@@ -106,7 +113,7 @@ def cases() -> list[tuple[str, str, str]]:
     for s in STACKS
     for layer in STACK_LAYERS[s]
     for r in rule_sets()
-    if r in ONLY_RULES.get(layer, (r,))
+    if r in ONLY_RULES.get((s, layer), (r,))
   ]
 
 

@@ -18,23 +18,9 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 from tests import stacked_cases
 
 CASES = pathlib.Path(stacked_cases.__file__)
-# flax.nnx resolves a logical axis name the active rules do not list to the
-# name itself (flax.core.spmd.apply_rules: ``rules.get(a, a)``; Linen gives
-# it None), and the three dense rule sets do not list 'exp', so creating an
-# NNX MoE under them fails: "Resource axis: exp of P('exp', None, 'model')
-# is not found in mesh: ('data', 'model')" (unstacked too). The fix is
-# ('exp', None) in those rule sets (flaxact/_src/sharding.py).
-KNOWN_FAILURES = frozenset(
-  case
-  for case in stacked_cases.case_ids()
-  if case.startswith('nnx_scan-MoE-')
-  and not case.endswith('-EXPERT_PARALLEL_RULES')
-)
 
 
 @functools.cache
@@ -76,9 +62,13 @@ def _problems(case: str, result: dict) -> list[str]:
   return found
 
 
-def test_every_exported_rule_set_maps_layers():
+def test_every_exported_rule_set_maps_layers_and_exp():
+  # flax.nnx passes a logical name the rules do not map to the mesh as it is
+  # (flax.core.spmd.apply_rules: rules.get(a, a)), so every rule set must map
+  # the stacked-layer axis and the MoE experts axis.
   for name, rules in stacked_cases.rule_sets().items():
     assert 'layers' in dict(rules), name
+    assert 'exp' in dict(rules), name
 
 
 def test_stacked_layers_on_8_devices_with_every_rule_set():
@@ -88,23 +78,6 @@ def test_stacked_layers_on_8_devices_with_every_rule_set():
   problems = [
     problem
     for case in stacked_cases.case_ids()
-    if case not in KNOWN_FAILURES
-    for problem in _problems(case, report[case])
-  ]
-  assert not problems, '\n'.join(problems)
-
-
-@pytest.mark.xfail(
-  strict=True,
-  raises=AssertionError,
-  reason="NNX MoE: the dense rule sets do not map 'exp' (KNOWN_FAILURES)",
-)
-def test_nnx_moe_stack_with_dense_rule_sets():
-  """Fails until the dense rule sets map 'exp'; then remove the xfail."""
-  report = _report()
-  problems = [
-    problem
-    for case in sorted(KNOWN_FAILURES)
     for problem in _problems(case, report[case])
   ]
   assert not problems, '\n'.join(problems)

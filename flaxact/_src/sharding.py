@@ -95,6 +95,7 @@ TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
   (EMBED, None),
   (MLP, 'model'),
   (LAYERS, None),
+  (EXP, None),
 )
 #: FSDP (ZeRO-3): parameters split along ``embed`` over ``'data'``.
 FSDP_RULES: tuple[tuple[str, Any], ...] = (
@@ -102,6 +103,7 @@ FSDP_RULES: tuple[tuple[str, Any], ...] = (
   (EMBED, 'data'),
   (MLP, None),
   (LAYERS, None),
+  (EXP, None),
 )
 #: 2-D: FSDP along ``embed`` over ``'data'`` and ``mlp`` over ``'model'``.
 FSDP_TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
@@ -109,6 +111,7 @@ FSDP_TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
   (EMBED, 'data'),
   (MLP, 'model'),
   (LAYERS, None),
+  (EXP, None),
 )
 #: Expert parallelism (MoE): ``exp`` over ``'expert'``, ``batch`` over
 #: ``'data'``; dense weights replicated. Combine with ``(MLP, 'model')`` on a
