@@ -40,13 +40,13 @@ from typing import Any, ClassVar, cast
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes as linen_dtypes
-from flax.typing import Dtype, Initializer
+from flax.typing import Dtype
 
 from flaxact._src import (
   checks,
   ffn_body,
   linen_base,
+  linen_experts,
   moe_layer,
   projection,
   sharding,
@@ -64,57 +64,6 @@ _UNUSED = (
   'deterministic',
   'activations_in_float32',
 )
-
-
-class ExpertProjection(nn.Module):
-  """Stacked expert kernels ``(E, in, features)`` and biases ``(E, features)``.
-
-  Called with the compute dtype, returns ``(kernel, bias)`` passed through
-  ``flax.linen.dtypes.promote_dtype`` (``bias`` is ``None`` without
-  ``use_bias``); the grouped matmul itself runs in :func:`flaxact.moe_ffn`.
-
-  Attributes:
-    num_experts: ``E``.
-    in_features: the kernels' input width.
-    features: the kernels' output width.
-    axes: logical axis names ``(kernel axes, bias axes)``.
-    use_bias: whether to hold biases.
-    param_dtype: the parameters' dtype.
-    kernel_init: initialiser of one expert's ``(in, features)`` kernel.
-    bias_init: bias initialiser.
-  """
-
-  num_experts: int
-  in_features: int
-  features: int
-  axes: tuple[tuple[Any, ...], tuple[Any, ...]]
-  use_bias: bool
-  param_dtype: Dtype
-  kernel_init: Initializer
-  bias_init: Initializer
-
-  @nn.compact
-  def __call__(self, dtype: Dtype) -> tuple[Array, Array | None]:
-    """Returns ``(kernel, bias)`` promoted to ``dtype``."""
-    e = self.num_experts
-    kernel = self.param(
-      'kernel',
-      nn.with_logical_partitioning(
-        moe_layer.stacked_init(self.kernel_init), self.axes[0]
-      ),
-      (e, self.in_features, self.features),
-      self.param_dtype,
-    )
-    bias = None
-    if self.use_bias:
-      bias = self.param(
-        'bias',
-        nn.with_logical_partitioning(self.bias_init, self.axes[1]),
-        (e, self.features),
-        self.param_dtype,
-      )
-    kernel, bias = linen_dtypes.promote_dtype(kernel, bias, dtype=dtype)
-    return kernel, bias
 
 
 class MoE(FFNBase):
@@ -280,21 +229,6 @@ class MoE(FFNBase):
       self.sow('intermediates', name, value)
     return y
 
-  def _settings(self) -> moe_layer.RoutingSettings:
-    return moe_layer.RoutingSettings(
-      experts_per_token=self.experts_per_token,
-      router=moe_layer.router_name(self.router),
-      normalize_weights=self.normalize_weights,
-      routed_scaling_factor=self.routed_scaling_factor,
-      num_groups=self.num_groups,
-      groups_per_token=self.groups_per_token,
-      activation=self.activation,
-      gated_product=self.gated_product,
-      capacity_factor=self.capacity_factor,
-      impl=self.impl,
-      tile_size=self.tile_size,
-    )
-
   def _experts(self, d: int, out: int, dtype: Dtype):
     parts = (
       ('gate_proj', d, self.hidden_features, sharding.EXPERT_IN_PROJ_AXES),
@@ -302,7 +236,7 @@ class MoE(FFNBase):
       ('down_proj', self.hidden_features, out, sharding.EXPERT_OUT_PROJ_AXES),
     )
     return [
-      ExpertProjection(
+      linen_experts.ExpertProjection(
         num_experts=self.num_experts,
         in_features=n_in,
         features=n_out,
@@ -316,31 +250,39 @@ class MoE(FFNBase):
       for name, n_in, n_out, axes in parts
     ]
 
-  def _router_logits(self, x: Array) -> Array:
-    router = Projection(
-      features=(self.num_experts,),
+  def _projection(
+    self, name: str, features: int, *, use_bias: bool, dtype: Dtype
+  ):
+    """A ``(d, features)`` projection with the router's axis names."""
+    return Projection(
+      features=(features,),
       kernel_axes=sharding.ROUTER_PROJ_AXES[0],
       bias_axes=sharding.ROUTER_PROJ_AXES[1],
-      use_bias=self.router_use_bias,
-      dtype=jnp.promote_types(x.dtype, jnp.float32),
+      use_bias=use_bias,
+      dtype=dtype,
       param_dtype=self.param_dtype,
       precision=self.precision,
       kernel_init=self.kernel_init,
       bias_init=self.bias_init,
       dot_general=self.dot_general,
       dot_general_cls=self.dot_general_cls,
-      name='router',
+      name=name,
     )
-    return router(x)
 
   @nn.compact
   def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:
     del key  # no dropout
     dtype = projection.layer_dtype(x, self.dtype)
     out = self.out_features or x.shape[-1]
-    logits = self._router_logits(x)
+    logits = self._projection(
+      'router',
+      self.num_experts,
+      use_bias=self.router_use_bias,
+      dtype=jnp.promote_types(x.dtype, jnp.float32),
+    )(x)
+    router = moe_layer.router_name(self.router)
     bias = None
-    if moe_layer.router_name(self.router) == 'sigmoid':
+    if router == 'sigmoid':
       bias = self.variable(
         STATS,
         'score_correction_bias',
@@ -354,7 +296,7 @@ class MoE(FFNBase):
       xc,
       logits,
       experts,
-      settings=self._settings(),
+      settings=moe_layer.routing_settings(self, router=router),
       score_correction_bias=bias,
       precision=self.precision,
     )
@@ -379,19 +321,8 @@ class MoE(FFNBase):
     )(x)
     gate = None
     if self.shared_expert_gate:
-      gate = Projection(
-        features=(1,),
-        kernel_axes=sharding.ROUTER_PROJ_AXES[0],
-        bias_axes=sharding.ROUTER_PROJ_AXES[1],
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=self.param_dtype,
-        precision=self.precision,
-        kernel_init=self.kernel_init,
-        bias_init=self.bias_init,
-        dot_general=self.dot_general,
-        dot_general_cls=self.dot_general_cls,
-        name='shared_expert_gate',
+      gate = self._projection(
+        'shared_expert_gate', 1, use_bias=False, dtype=dtype
       )(x)
     return shared, gate
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -53,6 +53,56 @@ class RoutingSettings:
   capacity_factor: float | None
   impl: str
   tile_size: int
+
+
+class RoutingOptions(Protocol):
+  """The ``MoE`` layer attributes :func:`routing_settings` reads."""
+
+  @property
+  def experts_per_token(self) -> int: ...
+  @property
+  def normalize_weights(self) -> bool: ...
+  @property
+  def routed_scaling_factor(self) -> float: ...
+  @property
+  def num_groups(self) -> int | None: ...
+  @property
+  def groups_per_token(self) -> int | None: ...
+  @property
+  def activation(self) -> Any: ...
+  @property
+  def gated_product(self) -> Callable[[Array, Array], Array] | None: ...
+  @property
+  def capacity_factor(self) -> float | None: ...
+  @property
+  def impl(self) -> str: ...
+  @property
+  def tile_size(self) -> int: ...
+
+
+def routing_settings(layer: RoutingOptions, *, router: str) -> RoutingSettings:
+  """The :class:`RoutingSettings` of a Linen or NNX ``MoE`` layer.
+
+  Args:
+    layer: the layer; its routing and expert attributes are read.
+    router: the normalised router name (``'softmax'`` or ``'sigmoid'``).
+
+  Returns:
+    The settings :func:`routed` takes.
+  """
+  return RoutingSettings(
+    experts_per_token=layer.experts_per_token,
+    router=router,
+    normalize_weights=layer.normalize_weights,
+    routed_scaling_factor=layer.routed_scaling_factor,
+    num_groups=layer.num_groups,
+    groups_per_token=layer.groups_per_token,
+    activation=layer.activation,
+    gated_product=layer.gated_product,
+    capacity_factor=layer.capacity_factor,
+    impl=layer.impl,
+    tile_size=layer.tile_size,
+  )
 
 
 class Aux(NamedTuple):

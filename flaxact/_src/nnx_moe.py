@@ -40,17 +40,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import reprlib
-from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
-from flaxact._src import checks, moe_layer, sharding
+from flaxact._src import checks, moe_layer, nnx_experts, sharding
 from flaxact._src.nnx_base import (
   FFNBase,
   Projection,
   ProjectionOptions,
   default_bias_init,
   default_kernel_init,
-  make_param,
 )
 from flaxact._src.nnx_gated import GatedFFN
 from flaxact._src.projection import DotGeneralCls
@@ -58,54 +56,6 @@ from flaxact._src.projection import DotGeneralCls
 Array = jax.Array
 
 _HIDDEN = ('dropout_rate', 'activations_in_float32', 'rngs')
-
-
-class ExpertProjection(nnx.Module):
-  """Stacked expert kernels ``(E, in, features)`` and biases ``(E, features)``.
-
-  Called with the compute dtype, returns ``(kernel, bias)`` passed through
-  ``flax.nnx.nn.dtypes.promote_dtype`` (``bias`` is ``None`` without
-  ``use_bias``); the grouped matmul itself runs in :func:`flaxact.moe_ffn`.
-
-  Args:
-    num_experts: ``E``.
-    in_features: the kernels' input width.
-    features: the kernels' output width.
-    axes: logical axis names ``(kernel axes, bias axes)``.
-    options: the projection options (``dot_general`` hooks are unused).
-    rngs: the ``params`` stream initialises the kernel.
-  """
-
-  def __init__(
-    self,
-    num_experts: int,
-    in_features: int,
-    features: int,
-    *,
-    axes: tuple[tuple[Any, ...], tuple[Any, ...]],
-    options: ProjectionOptions,
-    rngs: nnx.Rngs,
-  ):
-    init = moe_layer.stacked_init(options.kernel_init)
-    e, dt = num_experts, options.param_dtype
-    self.kernel = make_param(
-      init, rngs.params(), (e, in_features, features), dt, axes[0]
-    )
-    self.bias: nnx.Param | None
-    if options.use_bias:
-      self.bias = make_param(
-        options.bias_init, rngs.params(), (e, features), dt, axes[1]
-      )
-    else:
-      self.bias = nnx.data(None)
-
-  def __call__(self, dtype: Dtype) -> tuple[Array, Array | None]:
-    """Returns ``(kernel, bias)`` promoted to ``dtype``."""
-    bias = None if self.bias is None else self.bias[...]
-    kernel, bias = nnx_dtypes.promote_dtype(
-      (self.kernel[...], bias), dtype=dtype
-    )
-    return kernel, bias
 
 
 class MoE(FFNBase):
@@ -296,7 +246,7 @@ class MoE(FFNBase):
     )
 
   def _build(self, options, router_use_bias, rngs) -> None:
-    d, h, e = self.in_features, self.hidden_features, self.num_experts
+    d, e = self.in_features, self.num_experts
     self.router = Projection(
       d,
       (e,),
@@ -304,16 +254,8 @@ class MoE(FFNBase):
       options=dataclasses.replace(options, use_bias=router_use_bias),
       rngs=rngs,
     )
-
-    def experts(n_in, n_out, axes):
-      return ExpertProjection(
-        e, n_in, n_out, axes=axes, options=options, rngs=rngs
-      )
-
-    self.gate_proj = experts(d, h, sharding.EXPERT_IN_PROJ_AXES)
-    self.up_proj = experts(d, h, sharding.EXPERT_IN_PROJ_AXES)
-    self.down_proj = experts(
-      h, self.out_features, sharding.EXPERT_OUT_PROJ_AXES
+    self.gate_proj, self.up_proj, self.down_proj = nnx_experts.build_experts(
+      d, self.hidden_features, self.out_features, e, options=options, rngs=rngs
     )
     self.score_correction_bias: nnx.BatchStat | None
     if self.router_kind == 'sigmoid':
@@ -326,29 +268,18 @@ class MoE(FFNBase):
     self.shared_expert_gate: Projection | None = nnx.data(None)
     if hidden is None:
       return
-    self.shared_expert = GatedFFN(
+    self.shared_expert, shared_gate = nnx_experts.build_shared(
       self.in_features,
       hidden,
       self.out_features,
+      gate=gate,
       activation=self.activation,
       dtype=self.dtype,
-      param_dtype=options.param_dtype,
-      precision=options.precision,
-      kernel_init=options.kernel_init,
-      bias_init=options.bias_init,
-      dot_general=options.dot_general,
-      dot_general_cls=options.dot_general_cls,
-      remat=False,
+      options=options,
       rngs=rngs,
     )
-    if gate:
-      self.shared_expert_gate = Projection(
-        self.in_features,
-        (1,),
-        axes=sharding.ROUTER_PROJ_AXES,
-        options=dataclasses.replace(options, use_bias=False),
-        rngs=rngs,
-      )
+    if shared_gate is not None:
+      self.shared_expert_gate = shared_gate
 
   def __call__(self, x: Array) -> Array:
     """Applies the layer and records its auxiliary outputs.
@@ -373,21 +304,6 @@ class MoE(FFNBase):
         self.sow(nnx.Intermediate, name, value)
     return y
 
-  def _settings(self) -> moe_layer.RoutingSettings:
-    return moe_layer.RoutingSettings(
-      experts_per_token=self.experts_per_token,
-      router=self.router_kind,
-      normalize_weights=self.normalize_weights,
-      routed_scaling_factor=self.routed_scaling_factor,
-      num_groups=self.num_groups,
-      groups_per_token=self.groups_per_token,
-      activation=self.activation,
-      gated_product=self.gated_product,
-      capacity_factor=self.capacity_factor,
-      impl=self.impl,
-      tile_size=self.tile_size,
-    )
-
   def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:
     del key  # no dropout
     dtype, _ = self.dtypes(x)
@@ -399,7 +315,7 @@ class MoE(FFNBase):
       xc,
       logits,
       experts,
-      settings=self._settings(),
+      settings=moe_layer.routing_settings(self, router=self.router_kind),
       score_correction_bias=None if bias is None else bias[...],
       precision=self.precision,
     )
