@@ -28,11 +28,8 @@ import time
 from collections.abc import Sequence
 
 import _cli
-import jax
 import numpy as np
 from charlm import data, flags, model, train
-
-import flaxact
 
 #: Shazeer (2020), Table 1: T5-base log-perplexity on the C4 validation set
 #: after 65,536 pre-training steps (lower is better).
@@ -186,20 +183,7 @@ def results_json(
       'seeds': list(range(args.seeds)),
       'variants': variants,
     },
-    'corpus': corpus.info,
-    'versions': {
-      'python': sys.version.split()[0],
-      'jax': jax.__version__,
-      'flaxact': flaxact.__version__,
-    },
-    'devices': [str(d) for d in jax.devices()],
-    'wall_seconds': wall,
-    'validation': {
-      'val_bpc': 'mean next-character loss (bits per character) over every'
-      ' non-overlapping window of the validation split; the table and the'
-      " curve's last point",
-      'curve': runs[0]['curve']['intermediate_points'] if runs else None,
-    },
+    **train.run_info(corpus, runs, wall),
     'paper_log_ppl': PAPER_LOG_PPL,
     'summary': summarise(runs, done),
     'runs': runs,

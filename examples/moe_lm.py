@@ -30,12 +30,10 @@ import time
 from collections.abc import Sequence
 
 import _cli
-import jax
 import numpy as np
 from charlm import data, flags
+from charlm import train as charlm_train
 from moelm import arms, train
-
-import flaxact
 
 DEFAULT_STEPS = 400
 
@@ -156,20 +154,7 @@ def results_json(
       'seeds': list(range(args.seeds)),
     },
     'widths': arms.widths(model_cfg.d_model, moe_cfg),
-    'corpus': corpus.info,
-    'versions': {
-      'python': sys.version.split()[0],
-      'jax': jax.__version__,
-      'flaxact': flaxact.__version__,
-    },
-    'devices': [str(d) for d in jax.devices()],
-    'wall_seconds': wall,
-    'validation': {
-      'val_bpc': 'mean next-character loss (bits per character) over every'
-      ' non-overlapping window of the validation split; the table and the'
-      " curve's last point",
-      'curve': runs[0]['curve']['intermediate_points'] if runs else None,
-    },
+    **charlm_train.run_info(corpus, runs, wall),
     'load_imbalance': "per MoE layer, the busiest expert's share of the"
     f' routed tokens over the mean share, summed over the last'
     f' {train.FINAL_LOAD_STEPS} training steps (1 = balanced, E/k = every'

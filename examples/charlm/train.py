@@ -29,6 +29,7 @@ from _cli import option
 from flax import nnx
 from tqdm.auto import tqdm
 
+import flaxact
 from charlm import data, model
 from charlm.validation import Validator
 
@@ -318,4 +319,28 @@ def fit(
     'seconds': seconds,
     'curve': {**log['curve'], **validator.describe()},
     'train_loss_per_step': log['losses'],
+  }
+
+
+def run_info(corpus: data.Corpus, runs: list[dict], wall: float) -> dict:
+  """The results-JSON fields every language-model example records.
+
+  The corpus, the software versions and devices, the wall time, and what
+  the validation figures mean (their definition is one for every script).
+  """
+  return {
+    'corpus': corpus.info,
+    'versions': {
+      'python': sys.version.split()[0],
+      'jax': jax.__version__,
+      'flaxact': flaxact.__version__,
+    },
+    'devices': [str(d) for d in jax.devices()],
+    'wall_seconds': wall,
+    'validation': {
+      'val_bpc': 'mean next-character loss (bits per character) over every'
+      ' non-overlapping window of the validation split; the table and the'
+      " curve's last point",
+      'curve': runs[0]['curve']['intermediate_points'] if runs else None,
+    },
   }
