@@ -26,9 +26,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 from flax.linen import dtypes as linen_dtypes
-from flax.typing import Dtype, Initializer
+from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
-from flaxact._src import moe_layer
+from flaxact._src import dense_experts, moe_layer
+from flaxact._src.projection import DotGeneralCls
 
 Array = jax.Array
 
@@ -36,9 +37,14 @@ Array = jax.Array
 class ExpertProjection(nn.Module):
   """Stacked expert kernels ``(E, in, features)`` and biases ``(E, features)``.
 
-  Called with the compute dtype, returns ``(kernel, bias)`` passed through
-  ``flax.linen.dtypes.promote_dtype`` (``bias`` is ``None`` without
-  ``use_bias``); the grouped matmul itself runs in :func:`flaxact.moe_ffn`.
+  Called with the compute dtype alone, returns ``(kernel, bias)`` passed
+  through ``flax.linen.dtypes.promote_dtype`` (``bias`` is ``None`` without
+  ``use_bias``) for the grouped matmul of :func:`flaxact.moe_ffn`. Called
+  with ``x`` too, returns every expert's projection of ``x`` (the
+  ``'dense'`` impl, :func:`flaxact._src.dense_experts.project`): one
+  ``dot_general`` (or the hook; ``dot_general_cls`` makes one instance
+  here, as ``nn.Dense``) with this module's kernel, run inside this module
+  so that Qwix finds and quantizes it.
 
   Attributes:
     num_experts: ``E``.
@@ -49,6 +55,9 @@ class ExpertProjection(nn.Module):
     param_dtype: the parameters' dtype.
     kernel_init: initialiser of one expert's ``(in, features)`` kernel.
     bias_init: bias initialiser.
+    precision: matmul precision.
+    dot_general: a :func:`jax.lax.dot_general` replacement or ``None``.
+    dot_general_cls: a class whose instance replaces ``dot_general``.
   """
 
   num_experts: int
@@ -59,10 +68,25 @@ class ExpertProjection(nn.Module):
   param_dtype: Dtype
   kernel_init: Initializer
   bias_init: Initializer
+  precision: PrecisionLike = None
+  dot_general: DotGeneralT | None = None
+  dot_general_cls: DotGeneralCls | None = None
 
   @nn.compact
-  def __call__(self, dtype: Dtype) -> tuple[Array, Array | None]:
-    """Returns ``(kernel, bias)`` promoted to ``dtype``."""
+  def __call__(
+    self,
+    dtype: Dtype,
+    x: Array | None = None,
+    *,
+    bias_scale: Array | None = None,
+  ) -> Any:
+    """``(kernel, bias)`` promoted to ``dtype``, or the projection of ``x``.
+
+    Args:
+      dtype: the compute dtype.
+      x: ``(T, in)`` tokens or ``(T, E, in)`` hidden activations.
+      bias_scale: ``(E, T)`` routing weights of the bias (batched ``x``).
+    """
     e = self.num_experts
     kernel = self.param(
       'kernel',
@@ -80,5 +104,19 @@ class ExpertProjection(nn.Module):
         (e, self.features),
         self.param_dtype,
       )
-    kernel, bias = linen_dtypes.promote_dtype(kernel, bias, dtype=dtype)
-    return kernel, bias
+    if x is None:
+      kernel, bias = linen_dtypes.promote_dtype(kernel, bias, dtype=dtype)
+      return kernel, bias
+    x, kernel, bias = linen_dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    assert x is not None  # promote_dtype keeps a given array
+    dot_general = self.dot_general
+    if self.dot_general_cls is not None:
+      dot_general = self.dot_general_cls()
+    return dense_experts.project(
+      x,
+      kernel,
+      bias,
+      precision=self.precision,
+      dot_general=dot_general,
+      bias_scale=bias_scale,
+    )

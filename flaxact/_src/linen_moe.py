@@ -195,6 +195,7 @@ class MoE(FFNBase):
       impl=self.impl,
       tile_size=self.tile_size,
       module_type=nn.Module,
+      hooked=self.dot_general is not None or self.dot_general_cls is not None,
     )
     if self.out_features is not None:
       checks.check_positive_int(self.out_features, 'out_features', name)
@@ -229,7 +230,7 @@ class MoE(FFNBase):
       self.sow('intermediates', name, value)
     return y
 
-  def _experts(self, d: int, out: int, dtype: Dtype):
+  def _experts(self, d: int, out: int):
     parts = (
       ('gate_proj', d, self.hidden_features, sharding.EXPERT_IN_PROJ_AXES),
       ('up_proj', d, self.hidden_features, sharding.EXPERT_IN_PROJ_AXES),
@@ -245,8 +246,11 @@ class MoE(FFNBase):
         param_dtype=self.param_dtype,
         kernel_init=self.kernel_init,
         bias_init=self.bias_init,
+        precision=self.precision,
+        dot_general=self.dot_general,
+        dot_general_cls=self.dot_general_cls,
         name=name,
-      )(dtype)
+      )
       for name, n_in, n_out, axes in parts
     ]
 
@@ -290,7 +294,7 @@ class MoE(FFNBase):
         (self.num_experts,),
         jnp.float32,
       ).value
-    experts = self._experts(x.shape[-1], out, dtype)
+    experts = self._experts(x.shape[-1], out)
     xc = x.astype(dtype)
     y, aux = moe_layer.routed(
       xc,
@@ -299,6 +303,7 @@ class MoE(FFNBase):
       settings=moe_layer.routing_settings(self, router=router),
       score_correction_bias=bias,
       precision=self.precision,
+      hooked=self.dot_general is not None or self.dot_general_cls is not None,
     )
     if self.shared_hidden_features is not None:
       y = moe_layer.add_shared(y, *self._shared(xc, out, dtype))

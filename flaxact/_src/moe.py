@@ -16,98 +16,21 @@ small ``(T, E)`` intermediates.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxact._src import grouped_matmul as gm
-from flaxact._src import moe_core
-from flaxact._src.checks import normalise_choice
+from flaxact._src import dense_experts, moe_core
 from flaxact._src.expert_parallel import expert_parallel_ffn
 from flaxact._src.gated_product import gated_product as _gated_product
 from flaxact._src.moe_core import MOE_REMAT_POLICY as MOE_REMAT_POLICY
-from flaxact._src.routing import (
-  load_balancing_loss,
-  router_z_loss,
-  top_k_routing,
-)
+from flaxact._src.moe_route import DEFAULT_TILE, resolve_impl, route
+from flaxact._src.moe_route import MoEAux as MoEAux
 
 Array = jax.Array
-
-#: Default rows per tile of the ``'loop'`` and ``'tiles'`` impls.
-DEFAULT_TILE = 128
-
-
-class MoEAux(NamedTuple):
-  """Auxiliary outputs of :func:`moe_ffn` (leading token shape ``...``).
-
-  Attributes:
-    router_logits: ``(..., E)`` float32.
-    weights: ``(..., k)`` float32 routing weights (before dropping).
-    experts: ``(..., k)`` int32 chosen experts.
-    dropped: ``(..., k)`` bool, assignments over capacity.
-    expert_load: ``(E,)`` int32 tokens routed to each expert (before
-      dropping).
-    dropped_tokens: ``()`` int32 number of dropped assignments.
-    load_balancing_loss: float32 scalar (on ``softmax(logits)``).
-    router_z_loss: float32 scalar.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import flaxact
-    >>> E, d, h = 4, 8, 16
-    >>> ks = jax.random.split(jax.random.key(0), 5)
-    >>> x = jax.random.normal(ks[0], (6, d))
-    >>> router = jax.random.normal(ks[1], (d, E))
-    >>> gate, up = (jax.random.normal(k, (E, d, h)) for k in ks[2:4])
-    >>> down = jax.random.normal(ks[4], (E, h, d))
-    >>> moe = jax.jit(flaxact.moe_ffn, static_argnames='experts_per_token')
-    >>> y, aux = moe(x, router, gate, up, down, experts_per_token=2)
-    >>> aux.experts.shape, int(aux.expert_load.sum())
-    ((6, 2), 12)
-  """
-
-  router_logits: Array
-  weights: Array
-  experts: Array
-  dropped: Array
-  expert_load: Array
-  dropped_tokens: Array
-  load_balancing_loss: Array
-  router_z_loss: Array
-
-
-def resolve_impl(impl: str) -> str:
-  """``'auto'``: ``'loop'`` on CPU, ``'ragged'`` on GPU and TPU."""
-  impl = normalise_choice(impl, (*gm.IMPLS, 'auto'), 'impl', 'impls')
-  if impl == 'auto':
-    return 'loop' if jax.default_backend() == 'cpu' else 'ragged'
-  return impl
-
-
-def capacity_of(capacity_factor, tokens: int, k: int, num_experts: int):
-  """``ceil(capacity_factor * tokens * k / num_experts)``, or ``None``."""
-  if capacity_factor is None:
-    return None
-  if isinstance(capacity_factor, bool) or not isinstance(
-    capacity_factor, numbers.Real
-  ):
-    raise TypeError(
-      f'capacity_factor must be a positive number or None; got'
-      f' {capacity_factor!r}.'
-    )
-  capacity_factor = float(capacity_factor)
-  if not capacity_factor > 0:
-    raise ValueError(
-      f'capacity_factor must be positive (or None for dropless); got'
-      f' {capacity_factor}.'
-    )
-  return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
 
 
 def _check_shapes(x, router_kernel, kernels, biases):
@@ -148,6 +71,16 @@ def _as_input(x):
   if x.ndim < 1:
     raise ValueError('moe_ffn: x must have shape (..., d); got a scalar.')
   return jnp.asarray(x)
+
+
+def expert_product(
+  activation: str | Callable[[Array], Array],
+  gated_product: Callable[[Array, Array], Array] | None,
+) -> Callable[[Array, Array], Array]:
+  """``gated_product``, or ``activation(gate) * up`` when it is ``None``."""
+  if gated_product is None:
+    return functools.partial(_gated_product, activation=activation)
+  return gated_product
 
 
 def moe_ffn(
@@ -218,20 +151,27 @@ def moe_ffn(
     gated_product: ``(gate, up) -> hidden`` replacing it (e.g.
       :func:`gpt_oss_glu`).
     capacity_factor: ``None`` (dropless) or a positive number.
-    impl: ``'auto'`` (``'loop'`` on CPU, ``'ragged'`` on GPU/TPU), ``'loop'``,
-      ``'tiles'`` or ``'ragged'``; all give the same result.
+    impl: ``'loop'``, ``'tiles'`` or ``'ragged'`` (grouped matmuls), or
+      ``'dense'`` (every expert on every token, one ``dot_general`` per
+      projection, ``E / k`` times the FLOPs: what quantizers can reach; see
+      :mod:`flaxact._src.dense_experts`); all give the same result.
+      ``'auto'``: ``'dense'`` with a ``dot_general`` hook or while
+      ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'`` on CPU
+      and ``'ragged'`` on GPU/TPU.
     tile_size: rows per tile of ``'loop'`` and ``'tiles'``.
     precision: matmul precision.
-    dot_general: replaces :func:`jax.lax.dot_general` for the router.
+    dot_general: replaces :func:`jax.lax.dot_general` in the router and the
+      experts (``'dense'``; a grouped ``impl`` with it is an error).
     router_logits: ``(..., E)`` logits computed by the caller (the layers'
       ``router`` projection, which quantization libraries can intercept);
       when given, ``router_kernel`` only fixes the shapes and ``router_bias``
       and ``dot_general`` are unused.
-    mesh: with a mesh, the experts run expert-parallel: kernels split along
-      their experts axis over ``expert_axis``, tokens over every mesh axis,
-      exchanged with ``all_to_all`` (see
+    mesh: with a mesh, the grouped impls run expert-parallel: kernels split
+      along their experts axis over ``expert_axis``, tokens over every mesh
+      axis, exchanged with ``all_to_all`` (see
       :func:`flaxact._src.expert_parallel.expert_parallel_ffn`). ``None``:
-      one device (or whatever sharding ``jit`` propagates).
+      one device (or whatever sharding ``jit`` propagates; ``'dense'``
+      always leaves the sharding to ``jit``).
     expert_axis: the mesh axis of the experts.
 
   Returns:
@@ -266,7 +206,7 @@ def moe_ffn(
   if router_logits is None:
     router_kernel = jnp.asarray(router_kernel)
   _check_shapes(x, router_kernel, kernels, biases)
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, hooked=dot_general is not None)
   lead, d = x.shape[:-1], x.shape[-1]
   tokens = x.reshape(-1, d)
   dot = jax.lax.dot_general if dot_general is None else dot_general
@@ -283,8 +223,7 @@ def moe_ffn(
     )
     if router_bias is not None:
       logits = logits + jnp.asarray(router_bias).astype(f32)[None]
-  e = logits.shape[-1]
-  weights, experts = top_k_routing(
+  r = route(
     logits,
     experts_per_token,
     router=router,
@@ -293,35 +232,33 @@ def moe_ffn(
     routed_scaling_factor=routed_scaling_factor,
     num_groups=num_groups,
     groups_per_token=groups_per_token,
+    capacity_factor=capacity_factor,
+    impl=impl,
+    tile_size=tile_size,
+    mesh=None if impl == 'dense' else mesh,
   )
-  k = experts.shape[-1]
-  capacity = capacity_of(capacity_factor, tokens.shape[0], k, e)
-  tile = 1 if impl == 'ragged' else int(tile_size)
-  if mesh is not None and capacity is not None:
-    raise ValueError(
-      'moe_ffn: capacity_factor with expert parallelism (mesh=...) is not'
-      f' supported; got capacity_factor={capacity_factor}. Use the dropless'
-      ' default (capacity_factor=None) with a mesh.'
-    )
-  if mesh is None:
-    layout = moe_core.make_layout(experts, e, tile, capacity)
-    dropped = layout.dropped
-  else:
-    layout, dropped = None, jnp.zeros(experts.shape, bool)
-  kept_w = jnp.where(dropped, 0.0, weights)
-  if gated_product is None:
-    prod = functools.partial(_gated_product, activation=activation)
-  else:
-    prod = gated_product
+  prod = expert_product(activation, gated_product)
   cast = lambda a: None if a is None else a.astype(x.dtype)
   kernels: Any = tuple(map(cast, kernels))
   biases: Any = tuple(map(cast, biases))
-  if mesh is None:
-    assert layout is not None
+  if impl == 'dense':
+    gate, up, down = (
+      functools.partial(
+        dense_experts.project,
+        kernel=kernel,
+        bias=bias,
+        precision=precision,
+        dot_general=dot_general,
+      )
+      for kernel, bias in zip(kernels, biases, strict=True)
+    )
+    y = dense_experts.experts_ffn(tokens, r.combine(), (gate, up, down), prod)
+  elif mesh is None:
+    assert r.layout is not None
     y = moe_core.experts_ffn(
       tokens,
-      kept_w,
-      layout,
+      r.kept_weights,
+      r.layout,
       kernels,
       biases,
       impl=impl,
@@ -331,8 +268,8 @@ def moe_ffn(
   else:
     y = expert_parallel_ffn(
       tokens,
-      kept_w,
-      experts,
+      r.kept_weights,
+      r.experts,
       kernels,
       biases,
       mesh=mesh,
@@ -342,15 +279,4 @@ def moe_ffn(
       precision=precision,
       tile_size=tile_size,
     )
-  load = jax.nn.one_hot(experts, e, dtype=jnp.int32).sum((0, 1))
-  aux = MoEAux(
-    router_logits=logits.reshape(*lead, e),
-    weights=weights.reshape(*lead, k),
-    experts=experts.reshape(*lead, k),
-    dropped=dropped.reshape(*lead, k),
-    expert_load=load,
-    dropped_tokens=dropped.sum().astype(jnp.int32),
-    load_balancing_loss=load_balancing_loss(logits, experts, e),
-    router_z_loss=router_z_loss(logits),
-  )
-  return y.reshape(*lead, -1), aux
+  return y.reshape(*lead, -1), r.aux(lead)

@@ -12,6 +12,7 @@ Names recorded by the layers (Linen ``self.sow('intermediates', ...)``, NNX
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -19,8 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxact._src import ffn_body, moe, remat, routing
-from flaxact._src import grouped_matmul as gm
+from flaxact._src import dense_experts, ffn_body, moe, moe_route, remat, routing
 from flaxact._src.checks import check_positive_int, normalise_choice
 from flaxact._src.moe_core import GATE as MOE_GATE
 from flaxact._src.moe_core import UP as MOE_UP
@@ -130,15 +130,17 @@ def check_options(
   impl: Any,
   tile_size: Any,
   module_type: type,
+  hooked: bool,
 ) -> tuple[str, str]:
   """Validates the ``MoE`` options; returns ``(router, impl)`` normalised.
 
   Raises:
     ValueError: for ``experts_per_token`` outside ``[1, num_experts]``, an
-      unknown router or impl, groups that do not divide the experts (or
-      groups with the softmax router), ``capacity_factor <= 0``, a
-      ``shared_expert_gate`` without a shared expert, or a width that is not
-      a positive integer.
+      unknown router or impl (or a grouped impl with ``hooked``, a
+      ``dot_general``/``dot_general_cls`` hook), groups that do not divide
+      the experts (or groups with the softmax router),
+      ``capacity_factor <= 0``, a ``shared_expert_gate`` without a shared
+      expert, or a width that is not a positive integer.
     TypeError: for a non-integer ``experts_per_token``, a learnable
       activation module, a ``gated_product`` that is not callable or a
       ``capacity_factor`` that is not a number.
@@ -149,7 +151,9 @@ def check_options(
   check_positive_int(tile_size, 'tile_size', owner)
   try:
     router = normalise_choice(router, routing.ROUTERS, 'router', 'routers')
-    impl = normalise_choice(impl, (*gm.IMPLS, 'auto'), 'impl', 'impls')
+    impl = normalise_choice(impl, moe_route.IMPLS, 'impl', 'impls')
+    if impl != 'auto':
+      moe_route.resolve_impl(impl, hooked=hooked)
   except ValueError as err:
     raise ValueError(f'{owner}: {err}') from None
   if isinstance(activation, module_type):
@@ -181,7 +185,7 @@ def check_options(
       f'{owner}: {str(err).removeprefix("top_k_routing: ")}'
     ) from None
   try:
-    moe.capacity_of(capacity_factor, 1, 1, 1)
+    moe_route.capacity_of(capacity_factor, 1, 1, 1)
   except (TypeError, ValueError) as err:
     raise type(err)(f'{owner}: {err}') from None
   if shared_hidden_features is not None:
@@ -229,32 +233,84 @@ def expert_mesh() -> tuple[Any, str]:
   return mesh, axis
 
 
+class ExpertCall(Protocol):
+  """A Linen or NNX ``ExpertProjection``: its weights or its projection."""
+
+  def __call__(
+    self, dtype: Any, x: Array | None = None, *, bias_scale: Any = None
+  ) -> Any: ...
+
+
 def routed(
   x: Array,
   logits: Array,
-  experts: Sequence[tuple[Array, Array | None]],
+  experts: Sequence[ExpertCall],
   *,
   settings: RoutingSettings,
   score_correction_bias: Array | None,
   precision: Any,
+  hooked: bool,
 ) -> tuple[Array, Aux]:
   """The routed experts of ``x`` given the router's ``logits``.
+
+  With impl ``'dense'`` (also what ``'auto'`` means under a ``dot_general``
+  hook or a Qwix interception) each expert projection runs inside its own
+  module, so a quantizer sees the matmul with the module's kernel;
+  otherwise the promoted kernels go to :func:`moe.moe_ffn`'s grouped
+  matmul.
 
   Args:
     x: ``(..., in)`` in the compute dtype.
     logits: ``(..., E)`` router logits (float32).
-    experts: ``(kernel, bias)`` of ``gate_proj``, ``up_proj`` and
-      ``down_proj``, promoted to the compute dtype.
+    experts: ``gate_proj``, ``up_proj`` and ``down_proj``.
     settings: the routing options.
     score_correction_bias: ``(E,)`` for the sigmoid router, else ``None``.
     precision: matmul precision.
+    hooked: whether ``dot_general``/``dot_general_cls`` is set.
 
   Returns:
     ``(y, aux)``: ``y`` of shape ``(..., out)`` in the dtype of ``x``.
+
+  Raises:
+    TypeError: for quantized (non-array) kernels with a grouped impl.
   """
-  (gk, gb), (uk, ub), (dk, db) = experts
-  mesh, axis = expert_mesh()
   s = settings
+  impl = moe.resolve_impl(s.impl, hooked=hooked)
+  routing: dict[str, Any] = dict(
+    router=s.router,
+    normalize_weights=s.normalize_weights,
+    score_correction_bias=score_correction_bias,
+    routed_scaling_factor=s.routed_scaling_factor,
+    num_groups=s.num_groups,
+    groups_per_token=s.groups_per_token,
+  )
+  prod = moe.expert_product(s.activation, s.gated_product)
+  if impl == 'dense':
+    lead, e = x.shape[:-1], logits.shape[-1]
+    r = moe_route.route(
+      logits.reshape(-1, e),
+      s.experts_per_token,
+      capacity_factor=s.capacity_factor,
+      impl=impl,
+      tile_size=s.tile_size,
+      mesh=None,
+      **routing,
+    )
+    gate, up, down = (functools.partial(p, x.dtype) for p in experts)
+    tokens = x.reshape(-1, x.shape[-1])
+    y = dense_experts.experts_ffn(tokens, r.combine(), (gate, up, down), prod)
+    a = r.aux(lead)
+    aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load)
+    return y.reshape(*lead, -1).astype(x.dtype), aux
+  (gk, gb), (uk, ub), (dk, db) = (p(x.dtype) for p in experts)
+  for name, kernel in zip(('gate', 'up', 'down'), (gk, uk, dk), strict=True):
+    if not isinstance(kernel, jax.Array):
+      raise TypeError(
+        f'MoE: the {name}_proj kernel is a {type(kernel).__name__}, not an'
+        f' array; the grouped impl {impl!r} cannot compute with it. Use'
+        " impl='auto' or 'dense' with quantized weights."
+      )
+  mesh, axis = expert_mesh()
   y, aux = moe.moe_ffn(
     x,
     jax.ShapeDtypeStruct((x.shape[-1], logits.shape[-1]), jnp.float32),
@@ -265,21 +321,15 @@ def routed(
     gate_bias=gb,
     up_bias=ub,
     down_bias=db,
-    router=s.router,
-    normalize_weights=s.normalize_weights,
-    score_correction_bias=score_correction_bias,
-    routed_scaling_factor=s.routed_scaling_factor,
-    num_groups=s.num_groups,
-    groups_per_token=s.groups_per_token,
-    activation=s.activation,
-    gated_product=s.gated_product,
+    gated_product=prod,
     capacity_factor=s.capacity_factor,
-    impl=s.impl,
+    impl=impl,
     tile_size=s.tile_size,
     precision=precision,
     router_logits=logits,
     mesh=mesh,
     expert_axis=axis,
+    **routing,
   )
   return y, Aux(aux.load_balancing_loss, aux.router_z_loss, aux.expert_load)
 

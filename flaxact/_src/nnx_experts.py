@@ -34,7 +34,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.typing import Dtype
 
-from flaxact._src import moe_layer, sharding
+from flaxact._src import dense_experts, moe_layer, sharding
 from flaxact._src.nnx_base import Projection, ProjectionOptions, make_param
 from flaxact._src.nnx_gated import GatedFFN
 
@@ -44,16 +44,20 @@ Array = jax.Array
 class ExpertProjection(nnx.Module):
   """Stacked expert kernels ``(E, in, features)`` and biases ``(E, features)``.
 
-  Called with the compute dtype, returns ``(kernel, bias)`` passed through
-  ``flax.nnx.nn.dtypes.promote_dtype`` (``bias`` is ``None`` without
-  ``use_bias``); the grouped matmul itself runs in :func:`flaxact.moe_ffn`.
+  Called with the compute dtype alone, returns ``(kernel, bias)`` passed
+  through ``flax.nnx.nn.dtypes.promote_dtype`` (``bias`` is ``None``
+  without ``use_bias``) for the grouped matmul of :func:`flaxact.moe_ffn`.
+  Called with ``x`` too, returns every expert's projection of ``x`` (the
+  ``'dense'`` impl, :func:`flaxact._src.dense_experts.project`): one
+  ``dot_general`` (or the ``dot_general`` hook) with this module's kernel,
+  run inside this module so that Qwix finds and quantizes it.
 
   Args:
     num_experts: ``E``.
     in_features: the kernels' input width.
     features: the kernels' output width.
     axes: logical axis names ``(kernel axes, bias axes)``.
-    options: the projection options (``dot_general`` hooks are unused).
+    options: the projection options (one ``dot_general_cls()`` instance).
     rngs: the ``params`` stream initialises the kernel.
   """
 
@@ -69,6 +73,11 @@ class ExpertProjection(nnx.Module):
   ):
     init = moe_layer.stacked_init(options.kernel_init)
     e, dt = num_experts, options.param_dtype
+    self.precision = options.precision
+    dot_general = options.dot_general
+    if options.dot_general_cls is not None:
+      dot_general = options.dot_general_cls()
+    self.dot_general = dot_general
     self.kernel = make_param(
       init, rngs.params(), (e, in_features, features), dt, axes[0]
     )
@@ -80,13 +89,37 @@ class ExpertProjection(nnx.Module):
     else:
       self.bias = nnx.data(None)
 
-  def __call__(self, dtype: Dtype) -> tuple[Array, Array | None]:
-    """Returns ``(kernel, bias)`` promoted to ``dtype``."""
+  def __call__(
+    self,
+    dtype: Dtype,
+    x: Array | None = None,
+    *,
+    bias_scale: Array | None = None,
+  ) -> Any:
+    """``(kernel, bias)`` promoted to ``dtype``, or the projection of ``x``.
+
+    Args:
+      dtype: the compute dtype.
+      x: ``(T, in)`` tokens or ``(T, E, in)`` hidden activations.
+      bias_scale: ``(E, T)`` routing weights of the bias (batched ``x``).
+    """
     bias = None if self.bias is None else self.bias[...]
-    kernel, bias = nnx_dtypes.promote_dtype(
-      (self.kernel[...], bias), dtype=dtype
+    if x is None:
+      kernel, bias = nnx_dtypes.promote_dtype(
+        (self.kernel[...], bias), dtype=dtype
+      )
+      return kernel, bias
+    x, kernel, bias = nnx_dtypes.promote_dtype(
+      (x, self.kernel[...], bias), dtype=dtype
     )
-    return kernel, bias
+    return dense_experts.project(
+      x,
+      kernel,
+      bias,
+      precision=self.precision,
+      dot_general=self.dot_general,
+      bias_scale=bias_scale,
+    )
 
 
 def build_experts(

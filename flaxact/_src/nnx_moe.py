@@ -205,6 +205,7 @@ class MoE(FFNBase):
       impl=impl,
       tile_size=tile_size,
       module_type=nnx.Module,
+      hooked=dot_general is not None or dot_general_cls is not None,
     )
     self.init_options(
       in_features=in_features,
@@ -229,6 +230,7 @@ class MoE(FFNBase):
     self.groups_per_token = groups_per_token
     self.capacity_factor = capacity_factor
     self.impl = impl
+    self.hooked = dot_general is not None or dot_general_cls is not None
     self.tile_size = int(tile_size)
     self.precision = precision
     options = ProjectionOptions(
@@ -309,7 +311,7 @@ class MoE(FFNBase):
     dtype, _ = self.dtypes(x)
     logits = self.router(x, dtype=jnp.promote_types(x.dtype, jnp.float32))
     bias = self.score_correction_bias
-    experts = [p(dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+    experts = (self.gate_proj, self.up_proj, self.down_proj)
     xc = x.astype(dtype)
     y, aux = moe_layer.routed(
       xc,
@@ -318,6 +320,7 @@ class MoE(FFNBase):
       settings=moe_layer.routing_settings(self, router=self.router_kind),
       score_correction_bias=None if bias is None else bias[...],
       precision=self.precision,
+      hooked=self.hooked,
     )
     if self.shared_expert is not None:
       # The shared expert before its gate, as in Linen: the same order of
