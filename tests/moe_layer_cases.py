@@ -11,6 +11,8 @@ Cases:
 
 - ``nnx_ep``, ``linen_ep``: mesh ``data=2, expert=4``,
   ``EXPERT_PARALLEL_RULES``.
+- ``nnx_ep_dense``: as ``nnx_ep`` with ``impl='dense'`` (what quantizers
+  get): no ``shard_map``, ``jit`` partitions the stacked-kernel matmuls.
 - ``nnx_ep_tp``: mesh ``expert=4, model=2``, rules with ``'exp'`` on
   ``'expert'`` and ``'mlp'`` on ``'model'`` (tensor parallelism inside the
   experts and the shared expert).
@@ -77,8 +79,10 @@ def _collectives(hlo: str) -> dict:
   }
 
 
-def _nnx_layer(shared):
-  return fx.MoE(D, H, E, K, shared_hidden_features=shared, rngs=nnx.Rngs(0))
+def _nnx_layer(shared, impl):
+  return fx.MoE(
+    D, H, E, K, shared_hidden_features=shared, impl=impl, rngs=nnx.Rngs(0)
+  )
 
 
 def _nnx_loss(graphdef, state, x):
@@ -86,14 +90,14 @@ def _nnx_loss(graphdef, state, x):
   return jnp.sum(jnp.sin(y) ** 2), y
 
 
-def nnx_case(mesh, rules, shared=None) -> dict:
-  graphdef, ref_state = nnx.split(_nnx_layer(shared))
+def nnx_case(mesh, rules, shared=None, impl='auto') -> dict:
+  graphdef, ref_state = nnx.split(_nnx_layer(shared, impl))
   grad = jax.jit(
     jax.value_and_grad(_nnx_loss, argnums=1, has_aux=True), static_argnums=0
   )
   (_, want_y), want_g = grad(graphdef, ref_state, _x())
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    layer = _nnx_layer(shared)
+    layer = _nnx_layer(shared, impl)
     graphdef, state = nnx.split(layer)
     shards = {
       n: list(
@@ -152,6 +156,9 @@ def main() -> None:
     'nnx_ep': lambda: nnx_case(ep, fx.EXPERT_PARALLEL_RULES),
     'linen_ep': lambda: linen_case(ep, fl.EXPERT_PARALLEL_RULES),
     'nnx_ep_tp': lambda: nnx_case(tp, EP_TP_RULES, shared=H),
+    'nnx_ep_dense': lambda: nnx_case(
+      ep, fx.EXPERT_PARALLEL_RULES, impl='dense'
+    ),
   }
   report = {}
   for name, run in cases.items():

@@ -17,7 +17,8 @@ from tests.layer_helpers import residuals_of_shape
 from tests.test_routing import ROUTER_CASES, jax_kwargs, ref_kwargs
 
 T, D, H, E = 16, 8, 12, 8
-IMPLS = ('loop', 'tiles', 'ragged')
+IMPLS = ('loop', 'tiles', 'ragged', 'dense')
+GROUPED = IMPLS[:3]
 # f32 sums of D*H products against a float64 reference
 F32_FFN = dict(rtol=2e-5, atol=2e-5)
 
@@ -76,7 +77,8 @@ def test_matches_float64_reference(name, capacity):
     **ref_kwargs(kw, bias),
   )
   # Each case runs one impl (rotating); test_impls_agree covers the rest.
-  impl = IMPLS[(sorted(ROUTER_CASES).index(name) + (capacity is None)) % 3]
+  i = sorted(ROUTER_CASES).index(name) + 2 * (capacity is None)
+  impl = IMPLS[i % len(IMPLS)]
   with jax.default_matmul_precision('highest'):
     y, aux = _jit_call(
       w, k, impl=impl, capacity_factor=capacity, **jax_kwargs(kw, bias)
@@ -162,7 +164,7 @@ def test_half_precision_dtype_preserved_router_in_f32(dtype):
   )  # rounded weights and x
 
 
-@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('impl', GROUPED)
 def test_backward_keeps_two_hidden_sized_arrays(impl):
   w = _weights()
   rows = moe_core.num_rows(T * 2, E, 1 if impl == 'ragged' else 4, None)
@@ -180,6 +182,60 @@ def test_backward_keeps_two_hidden_sized_arrays(impl):
   remat = jax.checkpoint(loss, policy=moe_core.MOE_REMAT_POLICY)
   hidden = residuals_of_shape(remat, args, (rows, H))
   assert len(hidden) == 2 and "named 'moe_gate'" in ' '.join(hidden), hidden
+
+
+def test_dense_backward_keeps_two_pre_activations_under_remat():
+  w = _weights()
+
+  def loss(x, gk, uk, dk):
+    return _call(
+      {**w, 'x': x, 'gate_kernel': gk, 'up_kernel': uk, 'down_kernel': dk},
+      2,
+      impl='dense',
+    )[0].sum()
+
+  args = (w['x'], w['gate_kernel'], w['up_kernel'], w['down_kernel'])
+  remat = jax.checkpoint(loss, policy=moe_core.MOE_REMAT_POLICY)
+  hidden = residuals_of_shape(remat, args, (T, E, H))
+  assert len(hidden) == 2 and "named 'moe_gate'" in ' '.join(hidden), hidden
+
+
+def _recording_dot(calls):
+  def dot(lhs, rhs, dims, precision=None, preferred_element_type=None):
+    calls.append(tuple(rhs.shape))
+    return jax.lax.dot_general(
+      lhs, rhs, dims, precision, preferred_element_type=preferred_element_type
+    )
+
+  return dot
+
+
+def test_dot_general_hook_reaches_router_and_every_expert_projection():
+  w, calls = _weights(bias=True), []
+  with jax.default_matmul_precision('highest'):
+    y, _ = _call(w, 2, dot_general=_recording_dot(calls))  # 'auto'
+    want, _ = _call(w, 2, impl='loop')
+  assert calls == [(D, E), (E, D, H), (E, D, H), (E, H, D)]
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), **F32_FFN)
+  with pytest.raises(ValueError, match=r"impl='loop'.*dot_general"):
+    _call(w, 2, impl='loop', dot_general=_recording_dot([]))
+
+
+def test_auto_runs_dense_while_dot_general_is_intercepted(monkeypatch):
+  """A library patching ``jax.lax.dot_general`` (as Qwix does) sees experts."""
+  w, calls = _weights(), []
+  original = jax.lax.dot_general
+  with jax.default_matmul_precision('highest'):
+    want, _ = _call(w, 2)  # the grouped 'loop'
+
+    def patched(lhs, rhs, dims, precision=None, preferred_element_type=None):
+      calls.append(tuple(rhs.shape))
+      return original(lhs, rhs, dims, precision, preferred_element_type)
+
+    monkeypatch.setattr(jax.lax, 'dot_general', patched)
+    y, _ = _call(w, 2)
+  assert calls.count((E, D, H)) == 2 and calls.count((E, H, D)) == 1, calls
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), **F32_FFN)
 
 
 @pytest.mark.parametrize('platform', ['tpu', 'cuda'])

@@ -100,15 +100,13 @@ def test_every_impl_gives_the_same_layer_output():
   x = mh.x_input()
   outs = {}
   layer = mh.nnx_layer('gpt_oss', capacity_factor=0.75)
-  for impl in ('loop', 'tiles', 'ragged'):
+  for impl in ('loop', 'tiles', 'ragged', 'dense'):
     layer.impl = impl
     outs[impl] = _nnx_apply(layer, x)[0]
-  chex.assert_trees_all_close(
-    outs['tiles'], outs['loop'], **TOL[np.dtype(jnp.float32)]
-  )
-  chex.assert_trees_all_close(
-    outs['ragged'], outs['loop'], **TOL[np.dtype(jnp.float32)]
-  )
+  for impl in ('tiles', 'ragged', 'dense'):
+    chex.assert_trees_all_close(
+      outs[impl], outs['loop'], **TOL[np.dtype(jnp.float32)]
+    )
 
 
 def test_check_grads_inputs_and_weights():
@@ -196,6 +194,18 @@ def test_backward_keeps_two_hidden_sized_arrays(impl):
       assert not residuals_of_shape(loss, (state, x), shape)
 
 
+def test_dense_backward_keeps_two_pre_activations():
+  layer = mh.nnx_layer('softmax', impl='dense')
+  graphdef, state = nnx.split(layer)
+
+  def loss(state, x):
+    return jnp.sum(nnx.merge(graphdef, state)(x))
+
+  args = (state, mh.x_input())
+  saved = residuals_of_shape(loss, args, (mh.T, mh.E, mh.H))
+  assert len(saved) == 2, saved
+
+
 def test_errors_same_type_in_linen_and_nnx():
   bad = [
     (dict(experts_per_token=0), ValueError, 'experts_per_token'),
@@ -274,7 +284,7 @@ def test_lowers_for_tpu_and_cuda():
   """Forward and backward of every impl lower for TPU and GPU from CPU."""
   x = mh.x_input()
   layer = mh.nnx_layer('gpt_oss', shared_hidden_features=8)
-  for impl in ('loop', 'tiles', 'ragged'):
+  for impl in ('loop', 'tiles', 'ragged', 'dense'):
     layer.impl = impl
     graphdef, state = nnx.split(layer)
 
