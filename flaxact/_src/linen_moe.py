@@ -92,15 +92,23 @@ class MoE(FFNBase):
   The router, ``shared_expert`` and ``shared_expert_gate`` are ordinary
   projections: ``dot_general``/``dot_general_cls`` hooks and Qwix
   (``promote_dtype``, ``jax.lax.dot_general``) reach them as in
-  :class:`GatedFFN`. The experts' kernels go through ``promote_dtype`` but
-  their grouped matmul (``impl``) is not a ``dot_general`` hook point.
+  :class:`GatedFFN`. The experts reach them through ``impl='dense'``: each
+  of ``gate_proj``, ``up_proj`` and ``down_proj`` runs one ``dot_general``
+  (or the hook; ``dot_general_cls`` makes one instance per projection) over
+  its whole stacked kernel, every expert on every token, as a hand-written
+  MoE does, so Qwix QAT/PTQ/LoRA and AQT quantize the experts per expert and
+  output channel. ``impl='auto'`` picks it by itself under a ``dot_general``
+  hook or while ``jax.lax.dot_general`` is intercepted (Qwix); it costs
+  ``E / k`` times the experts' FLOPs of the grouped impls.
 
   With ``remat=True`` the backward pass keeps two ``(T·k, hidden)`` arrays
-  (the experts' gate and up pre-activations, ``'moe_gate'``/``'moe_up'``)
-  plus the shared expert's two. Under a mesh whose logical axis rules map
-  ``'exp'`` to a mesh axis (:data:`EXPERT_PARALLEL_RULES`), the experts run
-  expert-parallel: tokens move to the experts' devices with all-to-all and
-  no expert kernel is gathered. The shared options (``use_bias``,
+  (the experts' gate and up pre-activations, ``'moe_gate'``/``'moe_up'``;
+  ``(T, E, hidden)`` with ``'dense'``) plus the shared expert's two. Under
+  a mesh whose logical axis rules map ``'exp'`` to a mesh axis
+  (:data:`EXPERT_PARALLEL_RULES`), the grouped impls run expert-parallel
+  (``'dense'`` leaves the partitioning to ``jit``): tokens move to the
+  experts' devices with all-to-all and no expert kernel is gathered. The
+  shared options (``use_bias``,
   ``dtype``, ``param_dtype``, ``precision``, initialisers, ``dot_general``,
   ``dot_general_cls``, ``remat``) are documented on
   :class:`~flaxact._src.linen_base.FFNBase`; dropout and
@@ -126,9 +134,12 @@ class MoE(FFNBase):
     shared_expert_gate: Qwen2-MoE's ``sigmoid(x @ w)`` gate on the shared
       expert.
     capacity_factor: ``None`` (dropless) or a positive number.
-    impl: the grouped matmul: ``'auto'`` (``'loop'`` on CPU, ``'ragged'`` on
-      GPU/TPU), ``'loop'``, ``'tiles'`` or ``'ragged'``; all give the same
-      result.
+    impl: the experts' matmul: ``'loop'``, ``'tiles'`` or ``'ragged'``
+      (grouped, fused under a custom VJP), or ``'dense'`` (plain
+      ``dot_general`` per projection, what quantizers reach); all give the
+      same result. ``'auto'``: ``'dense'`` with a ``dot_general`` hook or
+      under Qwix, else ``'loop'`` on CPU and ``'ragged'`` on GPU/TPU. A
+      grouped impl with a ``dot_general`` hook is an error.
     tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
 
   Examples:
@@ -145,7 +156,8 @@ class MoE(FFNBase):
 
   Raises:
     ValueError: for ``experts_per_token`` outside ``[1, num_experts]``, an
-      unknown router or impl, groups not dividing the experts,
+      unknown router or impl, a grouped impl with a ``dot_general`` hook,
+      groups not dividing the experts,
       ``capacity_factor <= 0``, dropout options, or (at the call) an input
       of another width than the layer was initialised with.
     TypeError: for integer input or a learnable activation module.

@@ -86,13 +86,21 @@ class MoE(FFNBase):
 
   The router, ``shared_expert`` and ``shared_expert_gate`` are ordinary
   projections: ``dot_general``/``dot_general_cls`` hooks and Qwix reach them
-  as in :class:`GatedFFN`. The experts' kernels go through
-  ``promote_dtype`` but their grouped matmul (``impl``) is not a
-  ``dot_general`` hook point. With ``remat=True`` the backward pass keeps
-  two ``(T·k, hidden)`` arrays (``'moe_gate'``, ``'moe_up'``) plus the
-  shared expert's two. Under a mesh whose logical axis rules map ``'exp'``
-  to a mesh axis (:data:`EXPERT_PARALLEL_RULES`), the experts run
-  expert-parallel with all-to-all; no expert kernel is gathered.
+  as in :class:`GatedFFN`. The experts reach them through ``impl='dense'``:
+  each of ``gate_proj``, ``up_proj`` and ``down_proj`` runs one
+  ``dot_general`` (or the hook; ``dot_general_cls`` makes one instance per
+  projection) over its whole stacked kernel, every expert on every token,
+  as a hand-written MoE does, so Qwix QAT/PTQ/LoRA and AQT quantize the
+  experts per expert and output channel. ``impl='auto'`` picks it by itself
+  under a ``dot_general`` hook or while ``jax.lax.dot_general`` is
+  intercepted (Qwix); it costs ``E / k`` times the experts' FLOPs of the
+  grouped impls. With ``remat=True`` the backward pass keeps two
+  ``(T·k, hidden)`` arrays (``'moe_gate'``, ``'moe_up'``; ``(T, E,
+  hidden)`` with ``'dense'``) plus the shared expert's two. Under a mesh
+  whose logical axis rules map ``'exp'`` to a mesh axis
+  (:data:`EXPERT_PARALLEL_RULES`), the grouped impls run expert-parallel
+  with all-to-all, and ``'dense'`` leaves the partitioning to ``jit``; no
+  expert kernel is gathered.
 
   Args:
     in_features: the input width (``'embed'``).
@@ -122,13 +130,16 @@ class MoE(FFNBase):
     kernel_init: initialiser of each expert's kernels (per expert, with its
       ``(in, out)`` shape), the router and the shared expert.
     bias_init: bias initialiser.
-    dot_general: replaces :func:`jax.lax.dot_general` in the router and
-      shared-expert projections.
+    dot_general: replaces :func:`jax.lax.dot_general` in every projection
+      (the experts' with ``impl='dense'``).
     dot_general_cls: a class whose instances replace ``dot_general``, one
       per projection.
-    impl: the grouped matmul: ``'auto'`` (``'loop'`` on CPU, ``'ragged'``
-      on GPU/TPU), ``'loop'``, ``'tiles'`` or ``'ragged'``; all give the
-      same result.
+    impl: the experts' matmul: ``'loop'``, ``'tiles'`` or ``'ragged'``
+      (grouped, fused under a custom VJP), or ``'dense'`` (plain
+      ``dot_general`` per projection, what quantizers reach); all give the
+      same result. ``'auto'``: ``'dense'`` with a ``dot_general`` hook or
+      under Qwix, else ``'loop'`` on CPU and ``'ragged'`` on GPU/TPU. A
+      grouped impl with a ``dot_general`` hook is an error.
     tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
     remat: memory-lean backward (``nnx.remat`` with
       :data:`~flaxact._src.moe_layer.MOE_LAYER_REMAT_POLICY`).
@@ -136,8 +147,9 @@ class MoE(FFNBase):
 
   Raises:
     ValueError: for ``experts_per_token`` outside ``[1, num_experts]``, an
-      unknown router or impl, groups not dividing the experts,
-      ``capacity_factor <= 0``, or (at the call) an input of another width.
+      unknown router or impl, a grouped impl with a ``dot_general`` hook,
+      groups not dividing the experts, ``capacity_factor <= 0``, or (at the
+      call) an input of another width.
     TypeError: for integer input or a learnable activation module.
 
   Examples:
