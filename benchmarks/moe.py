@@ -10,6 +10,14 @@ be shared: medians and the min-max spread are reported):
 - ``routing``: router, top-k, sort/layout, dispatch and combine gathers
   (forward and backward) without the expert matmuls;
 - each ``impl`` of :func:`flaxact.moe_ffn` (router included);
+- the ``MoE`` layer's train step (``--layer-shape``; ``--no-layer`` skips
+  it): ``jax.value_and_grad`` of ``mean(y**2)`` over a Linen
+  ``flaxact.linen.MoE`` with respect to its parameters and the input, jitted,
+  for the float layer with ``impl='loop'`` (the CPU default) and
+  ``impl='dense'`` and for the layer under Qwix int8 QAT (weights and
+  activations, every module but the router; QAT runs ``'dense'``): step time
+  and compiled temp memory (``memory_analysis()``) as ratios to float
+  ``'loop'``;
 - Hugging Face ``transformers``' MoE blocks (Mixtral for coarse, Qwen3-MoE
   for fine) with each ``experts_implementation``, against PyTorch's own
   dense bound, when ``--torch-python`` names a Python with torch and
@@ -22,6 +30,7 @@ Usage::
 
   python benchmarks/moe.py --quick
   python benchmarks/moe.py --json moe.json --torch-python /path/bin/python
+  python benchmarks/moe.py --shapes '' --layer-shape 2048,256,512,8,2
 """
 
 from __future__ import annotations
@@ -38,11 +47,18 @@ SHAPES = {  # name: (tokens, d, experts, k, hidden)
 }
 QUICK = {'coarse': (512, 64, 8, 2, 128), 'fine': (512, 64, 16, 4, 32)}
 GOALS = {'coarse': 1.3, 'fine': 1.4}
+LAYER_SHAPE = '2048,256,512,8,2'  # tokens, d, hidden, experts, k
+LAYER_QUICK = '256,64,128,8,2'
+#: Qwix rule of the QAT row: int8 weights and activations everywhere but the
+#: router (int8 router activations can change which experts are chosen).
+QAT_MODULE_PATH = '^(?!router).*'
 
 
 def _args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--shapes', default='coarse,fine')
+  p.add_argument(
+    '--shapes', default='coarse,fine', help="'' skips the impl rows"
+  )
   p.add_argument('--impls', default='loop,tiles')
   p.add_argument('--tile-size', type=int, default=None)
   p.add_argument('--repeats', type=int, default=5)
@@ -54,9 +70,25 @@ def _args(argv=None):
     default='eager,batched_mm,grouped_mm',
     help='transformers experts_implementation values to time',
   )
+  p.add_argument(
+    '--layer-shape',
+    default=None,
+    help=f'T,d,hidden,E,k of the layer rows (default {LAYER_SHAPE})',
+  )
+  p.add_argument(
+    '--no-layer',
+    action='store_true',
+    help='skip the MoE layer train-step rows (float loop/dense, Qwix QAT)',
+  )
   p.add_argument('--torch-worker', action='store_true', help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   a.shape_table = QUICK if a.quick else SHAPES
+  a.shape_names = [name for name in a.shapes.split(',') if name]
+  if a.layer_shape is None:
+    a.layer_shape = LAYER_QUICK if a.quick else LAYER_SHAPE
+  a.layer = tuple(int(n) for n in a.layer_shape.split(','))
+  if len(a.layer) != 5:
+    p.error(f'--layer-shape needs T,d,hidden,E,k; got {a.layer_shape!r}')
   if a.quick:
     a.repeats = 2
   return a
@@ -145,6 +177,93 @@ def jax_cases(shape, a):
   return out
 
 
+def layer_cases(shape, a):
+  """``{name: (compiled step, args, temp bytes)}`` of the MoE layer rows.
+
+  ``loop`` and ``dense`` are the float Linen ``MoE`` with that impl; ``qat``
+  is the same layer (``impl='auto'``) under Qwix int8 QAT, which runs the
+  ``'dense'`` impl because Qwix intercepts ``jax.lax.dot_general``.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import qwix
+
+  from flaxact import linen as fl
+
+  del a
+  t, d, h, e, k = shape
+  x = jax.random.normal(jax.random.key(0), (t, d))
+  rule = qwix.QtRule(
+    module_path=QAT_MODULE_PATH, weight_qtype='int8', act_qtype='int8'
+  )
+  layers = {
+    'loop': fl.MoE(h, e, k, impl='loop'),
+    'dense': fl.MoE(h, e, k, impl='dense'),
+    'qat': qwix.quantize_model(fl.MoE(h, e, k), qwix.QtProvider([rule])),
+  }
+  built = {}
+  for name, layer in layers.items():
+    params = nn.unbox(layer.init(jax.random.key(1), x))['params']
+
+    def loss(params, x, layer=layer):
+      return jnp.mean(layer.apply({'params': params}, x) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    compiled = step.lower(params, x).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(compiled(params, x))  # warm up
+    built[name] = (compiled, (params, x), temp)
+  return built
+
+
+def _layer_results(a):
+  """Times the layer rows; figures with ratios to float ``'loop'``."""
+  import jax
+
+  built = layer_cases(a.layer, a)
+  fns = {
+    name: lambda c=c, args=args: jax.block_until_ready(c(*args))
+    for name, (c, args, _) in built.items()
+  }
+  times = _rounds(fns, a.repeats)
+  temp = {name: b[2] for name, b in built.items()}
+  return {
+    'shape': dict(
+      zip(('tokens', 'd', 'hidden', 'experts', 'k'), a.layer, strict=True)
+    ),
+    'ms': times,
+    'temp_bytes': temp,
+    'time_vs_loop': {n: times[n][0] / times['loop'][0] for n in times},
+    'memory_vs_loop': {n: temp[n] / temp['loop'] for n in temp},
+  }
+
+
+def _print_layer(r, repeats):
+  s = r['shape']
+  print(
+    f'MoE layer train step (Linen MoE, value_and_grad, float32),'
+    f' T={s["tokens"]} d={s["d"]} hidden={s["hidden"]} E={s["experts"]}'
+    f' k={s["k"]}, median of {repeats} interleaved rounds [min-max]'
+  )
+  print(
+    f'{"case":24} {"ms":>9} {"spread ms":>17} {"x loop":>7}'
+    f' {"temp MiB":>9} {"x loop":>7}'
+  )
+  labels = {
+    'loop': "float impl='loop'",
+    'dense': "float impl='dense'",
+    'qat': 'Qwix int8 QAT (dense)',
+  }
+  for name, (med, lo, hi) in r['ms'].items():
+    mib = r['temp_bytes'][name] / 2**20
+    print(
+      f'{labels[name]:24} {med:9.1f} {lo:8.1f}-{hi:8.1f}'
+      f' {r["time_vs_loop"][name]:7.2f} {mib:9.1f}'
+      f' {r["memory_vs_loop"][name]:7.2f}'
+    )
+
+
 def torch_worker(a):
   """Times transformers' MoE blocks per experts implementation."""
   import torch
@@ -158,7 +277,7 @@ def torch_worker(a):
 
   torch.manual_seed(0)
   results = {}
-  for name in a.shapes.split(','):
+  for name in a.shape_names:
     t, d, e, k, h = a.shape_table[name]
     fns = {}
     xk = torch.randn(t * k, d, requires_grad=True)
@@ -208,7 +327,7 @@ def torch_worker(a):
 
 
 def _torch_results(a):
-  if not a.torch_python:
+  if not a.torch_python or not a.shape_names:
     return {}
   cmd = [
     a.torch_python,
@@ -228,21 +347,9 @@ def _torch_results(a):
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
-  a = _args(argv)
-  if a.torch_worker:
-    import torch
-
-    torch.set_num_threads(2)
-    print(json.dumps(torch_worker(a)))
-    return
+def _print_impls(results, torch_res, a):
   import jax
 
-  results = {'backend': jax.default_backend(), 'shapes': {}}
-  for name in a.shapes.split(','):
-    fns = jax_cases(a.shape_table[name], a)
-    results['shapes'][name] = _rounds(fns, a.repeats)
-  torch_res = _torch_results(a)
   print(
     f'MoE forward+backward, float32, {jax.default_backend()},'
     f' median of {a.repeats} interleaved rounds [min-max]'
@@ -267,6 +374,29 @@ def main(argv=None):
         print(
           f'{name:8} {tag:16} {med:9.1f} {lo:8.1f}-{hi:8.1f} {med / base:8.2f}'
         )
+
+
+def main(argv=None):
+  a = _args(argv)
+  if a.torch_worker:
+    import torch
+
+    torch.set_num_threads(2)
+    print(json.dumps(torch_worker(a)))
+    return
+  import jax
+
+  results = {'backend': jax.default_backend(), 'shapes': {}}
+  for name in a.shape_names:
+    fns = jax_cases(a.shape_table[name], a)
+    results['shapes'][name] = _rounds(fns, a.repeats)
+  if not a.no_layer:
+    results['layer'] = _layer_results(a)
+  torch_res = _torch_results(a)
+  if a.shape_names:
+    _print_impls(results, torch_res, a)
+  if not a.no_layer:
+    _print_layer(results['layer'], a.repeats)
   results['torch'] = torch_res
   if a.json:
     with open(a.json, 'w') as f:
