@@ -1,0 +1,286 @@
+"""The MoE a user writes by hand, as the baseline of the MoE quantization tests.
+
+:class:`NnxMoE` and :class:`LinenMoE` are what a user writes to make a
+mixture of experts quantizable: the router an ``nnx.Linear`` /
+``nn.Dense(dtype=float32)`` on the unflattened input, softmax top-k
+renormalised, and each expert projection ONE ``jax.lax.dot_general`` whose
+rhs is the whole stacked ``(E, in, out)`` kernel, inside a module named
+``gate_proj`` / ``up_proj`` / ``down_proj`` that holds that kernel (so
+Qwix attributes the matmul to the module and finds its ``kernel``):
+
+* gate/up: ``(T, d) x (E, d, h) -> (T, E, h)``, contracting ``d``;
+* down: ``(T, E, h) x (E, h, out) -> (E, T, out)``, experts as the batch
+  axis, then summed over ``E``.
+
+Every token goes through every expert; the routing weights form a ``(T, E)``
+combine matrix built without a matmul (a quantizer must not round them) and
+scale the hidden activations before ``down_proj``. Optional pieces follow
+the flaxact layer's order: GPT-OSS biases (router bias, per-expert biases,
+the down bias scaled by the routing weight) and a shared expert added as
+``y + sigmoid(x @ gate) * shared(x)`` (Qwen2-MoE). Parameter names match
+``flaxact``'s ``MoE``, so one params tree (Linen) or one state (NNX) fits
+both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import flaxact
+from tests import quantization_helpers as qh
+
+#: Input width, expert hidden width, experts, experts per token, shared
+#: expert hidden width.
+D, H, E, K, SHARED_H = 16, 32, 4, 2, 24
+
+#: The layer variants: keyword arguments of both frameworks' ``MoE``.
+VARIANTS = {
+  'base': {},
+  'shared': dict(shared_hidden_features=SHARED_H, shared_expert_gate=True),
+  'biases': dict(use_bias=True, router_use_bias=True),
+}
+
+_IN = (((1,), (1,)), ((), ()))  # (T, d) x (E, d, h) -> (T, E, h)
+_OUT = (((2,), (1,)), ((1,), (0,)))  # (T, E, h) x (E, h, o) -> (E, T, o)
+
+
+def combine_matrix(logits: jax.Array, k: int) -> jax.Array:
+  """``(T, E)`` renormalised softmax top-``k`` weights, zero elsewhere."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights, experts = jax.lax.top_k(probs, k)
+  weights = weights / weights.sum(-1, keepdims=True)
+  one_hot = jax.nn.one_hot(experts, logits.shape[-1], dtype=weights.dtype)
+  return (one_hot * weights[..., None]).sum(1)
+
+
+def project(x, kernel, bias, combine, dot_general):
+  """Every expert's projection of ``x`` with one ``dot_general``."""
+  dot = jax.lax.dot_general if dot_general is None else dot_general
+  if x.ndim == 2:  # gate/up
+    y = dot(x, kernel, _IN, None)
+    return y if bias is None else y + bias[None]
+  y = dot(x, kernel, _OUT, None)  # down
+  if bias is not None:
+    y = y + combine.T[..., None] * bias[:, None, :]
+  return y
+
+
+def experts_ffn(tokens, combine, gate, up, down):
+  """``sum_e combine[t, e] * down_e(silu(gate_e(x)) * up_e(x))``."""
+  hidden = flaxact.silu(gate(tokens)) * up(tokens) * combine[..., None]
+  return down(hidden, combine).sum(0)
+
+
+def token_errors(y, ref):
+  """Per-token max absolute error of ``y``, relative to the max of ``|ref|``.
+
+  A quantized router can swap a token's ``k``-th expert when two logits are
+  nearly tied; that token's error is then of order one while the others'
+  stay at the quantization error.
+  """
+  err = jnp.max(abs(y - ref), axis=-1) / jnp.max(abs(ref))
+  return np.asarray(err).reshape(-1)
+
+
+# ---------------------------------------------------------------- NNX
+
+
+def without_out_sharding(dot_general):
+  """``dot_general`` as ``nnx.Linear`` calls it, ``out_sharding=`` dropped.
+
+  ``nnx.Linear`` passes ``out_sharding`` to its ``dot_general``; AQT's
+  functional config (``aqt_config.config_v4(...)``) takes no such argument,
+  so a user handing it to ``nnx.Linear`` wraps it like this.
+  """
+
+  def call(lhs, rhs, dims, precision=None, out_sharding=None, **kw):
+    del out_sharding  # None here: no sharding in these tests
+    return dot_general(lhs, rhs, dims, precision, **kw)
+
+  return call
+
+
+class NnxExperts(nnx.Module):
+  """``E`` stacked kernels ``(E, in, out)`` (biases ``(E, out)``)."""
+
+  def __init__(self, n_in, n_out, *, use_bias, dot_general, rngs):
+    init = nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (E, n_in, n_out)))
+    self.bias = nnx.Param(jnp.zeros((E, n_out))) if use_bias else nnx.data(None)
+    self.dot_general = dot_general
+
+  def __call__(self, x, combine=None):
+    bias = None if self.bias is None else self.bias[...]
+    return project(x, self.kernel[...], bias, combine, self.dot_general)
+
+
+class NnxMoE(nnx.Module):
+  """The NNX MoE a user writes by hand (see the module docstring)."""
+
+  def __init__(
+    self,
+    *,
+    use_bias=False,
+    router_use_bias=False,
+    shared_hidden_features=None,
+    shared_expert_gate=False,
+    dot_general=None,
+    rngs,
+  ):
+    hook: dict[str, Any] = {}
+    if dot_general is not None:
+      hook['dot_general'] = without_out_sharding(dot_general)
+    self.router = nnx.Linear(
+      D, E, use_bias=router_use_bias, dtype=jnp.float32, rngs=rngs, **hook
+    )
+
+    def experts(n_in, n_out):
+      return NnxExperts(
+        n_in, n_out, use_bias=use_bias, dot_general=dot_general, rngs=rngs
+      )
+
+    self.gate_proj, self.up_proj = experts(D, H), experts(D, H)
+    self.down_proj = experts(H, D)
+    self.shared_expert = nnx.data(None)
+    self.shared_expert_gate = nnx.data(None)
+    if shared_hidden_features is not None:
+      self.shared_expert = qh.NnxHand(
+        D,
+        shared_hidden_features,
+        gated=True,
+        act='silu',
+        use_bias=False,
+        rngs=rngs,
+      )
+      if shared_expert_gate:
+        self.shared_expert_gate = nnx.Linear(
+          D, 1, use_bias=False, rngs=rngs, **hook
+        )
+
+  def __call__(self, x):
+    lead = x.shape[:-1]
+    combine = combine_matrix(self.router(x).reshape(-1, E), K)
+    tokens = x.reshape(-1, D)
+    y = experts_ffn(
+      tokens, combine, self.gate_proj, self.up_proj, self.down_proj
+    ).reshape(*lead, -1)
+    if self.shared_expert is not None:
+      shared = self.shared_expert(x)
+      if self.shared_expert_gate is not None:
+        shared = jax.nn.sigmoid(self.shared_expert_gate(x)) * shared
+      y = y + shared
+    return y
+
+
+def nnx_hand_like(layer, **variant):
+  """An :class:`NnxMoE` holding the parameters of ``layer`` (a flaxact MoE).
+
+  Args:
+    layer: a ``flaxact.nnx.MoE``.
+    **variant: the :class:`NnxMoE` options matching ``layer``'s.
+
+  Raises:
+    ValueError: if the two do not have the same parameter paths and shapes.
+  """
+  # Built abstract (no initialisers run), then given ``layer``'s values.
+  hand = nnx.eval_shape(lambda: NnxMoE(**variant, rngs=nnx.Rngs(9)))
+  copy_state(layer, hand, nnx.Param)
+  return hand
+
+
+def copy_state(src, dst, kind):
+  """Copies ``src``'s variables of type ``kind`` into ``dst`` (same paths)."""
+  shapes = [
+    jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(m, kind)))
+    for m in (src, dst)
+  ]
+  if shapes[0] != shapes[1]:
+    raise ValueError(f'different {kind.__name__} trees: {shapes}')
+  nnx.update(dst, nnx.state(src, kind))
+
+
+# ---------------------------------------------------------------- Linen
+
+
+class LinenExperts(nn.Module):
+  """``E`` stacked kernels ``(E, in, out)`` (biases ``(E, out)``)."""
+
+  n_in: int
+  n_out: int
+  use_bias: bool = False
+  dot_general: Any = None
+  dot_general_cls: Any = None
+
+  @nn.compact
+  def __call__(self, x, combine=None):
+    init = nn.initializers.lecun_normal()
+    kernel = self.param('kernel', init, (E, self.n_in, self.n_out))
+    bias = None
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (E, self.n_out))
+    dot = self.dot_general
+    if self.dot_general_cls is not None:
+      dot = self.dot_general_cls()  # one instance here, as nn.Dense
+    return project(x, kernel, bias, combine, dot)
+
+
+class LinenMoE(nn.Module):
+  """The Linen MoE a user writes by hand (see the module docstring)."""
+
+  use_bias: bool = False
+  router_use_bias: bool = False
+  shared_hidden_features: int | None = None
+  shared_expert_gate: bool = False
+  dot_general: Any = None
+  dot_general_cls: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    hook: dict[str, Any] = {'dot_general_cls': self.dot_general_cls}
+    if self.dot_general is not None:
+      hook['dot_general'] = self.dot_general
+    lead = x.shape[:-1]
+    logits = nn.Dense(
+      E,
+      use_bias=self.router_use_bias,
+      dtype=jnp.float32,
+      name='router',
+      **hook,
+    )(x)
+    combine = combine_matrix(logits.reshape(-1, E), K)
+    gate, up, down = (
+      LinenExperts(
+        n_in,
+        n_out,
+        use_bias=self.use_bias,
+        dot_general=self.dot_general,
+        dot_general_cls=self.dot_general_cls,
+        name=name,
+      )
+      for name, n_in, n_out in (
+        ('gate_proj', D, H),
+        ('up_proj', D, H),
+        ('down_proj', H, D),
+      )
+    )
+    tokens = x.reshape(-1, D)
+    y = experts_ffn(tokens, combine, gate, up, down).reshape(*lead, -1)
+    if self.shared_hidden_features is not None:
+      shared = qh.LinenHand(
+        self.shared_hidden_features,
+        dot_general_cls=self.dot_general_cls,
+        name='shared_expert',
+      )(x)
+      if self.shared_expert_gate:
+        gate_logit = nn.Dense(
+          1, use_bias=False, name='shared_expert_gate', **hook
+        )(x)
+        shared = jax.nn.sigmoid(gate_logit) * shared
+      y = y + shared
+    return y
