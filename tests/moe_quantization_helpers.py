@@ -29,7 +29,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import flaxact
@@ -77,15 +76,20 @@ def experts_ffn(tokens, combine, gate, up, down):
   return down(hidden, combine).sum(0)
 
 
-def token_errors(y, ref):
-  """Per-token max absolute error of ``y``, relative to the max of ``|ref|``.
+def random_params(tree, seed=0):
+  """Random values for a params tree (arrays or ``ShapeDtypeStruct``s).
 
-  A quantized router can swap a token's ``k``-th expert when two logits are
-  nearly tied; that token's error is then of order one while the others'
-  stay at the quantization error.
+  Kernels ``(..., fan_in, out)`` are ``N(0, 1 / fan_in)``; biases are
+  ``N(0, 0.1**2)``, not the layers' zeros, so the bias paths count.
   """
-  err = jnp.max(abs(y - ref), axis=-1) / jnp.max(abs(ref))
-  return np.asarray(err).reshape(-1)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  values = []
+  for (path, leaf), key in zip(leaves, keys, strict=True):
+    z = jax.random.normal(key, leaf.shape, leaf.dtype)
+    bias = getattr(path[-1], 'key', None) == 'bias'
+    values.append(z * (0.1 if bias else leaf.shape[-2] ** -0.5))
+  return jax.tree_util.tree_unflatten(treedef, values)
 
 
 # ---------------------------------------------------------------- NNX

@@ -55,28 +55,31 @@ def _highest_precision():
     yield
 
 
+@functools.cache
 def _x():
   return jax.random.normal(jax.random.key(1), (2, 6, D))
 
 
-# Models are built, quantized, called and differentiated under nnx.jit, the
-# flaxact layer and its baseline in one program: eagerly, Qwix and the layer
-# run op by op, and compiling every op dominates these tests' time.
+# Models are quantized, called and differentiated under nnx.jit, the flaxact
+# layer and its baseline in one program: eagerly, Qwix and the layer run op
+# by op, and compiling every op dominates these tests' time.
 # test_eager_ptq_recipe runs Qwix's eager recipe.
 
 
 @functools.cache
-def _constructor(variant, impl):
-  return nnx.jit(
-    lambda: fx.MoE(
-      D, H, E, K, **mh.VARIANTS[variant], impl=impl, rngs=nnx.Rngs(0)
-    )
+def _split(variant, impl):
+  layer = fx.MoE(
+    D, H, E, K, **mh.VARIANTS[variant], impl=impl, rngs=nnx.Rngs(0)
   )
+  params = nnx.state(layer, nnx.Param)
+  nnx.replace_by_pure_dict(params, mh.random_params(nnx.to_pure_dict(params)))
+  nnx.update(layer, params)
+  return nnx.split(layer)
 
 
 def _layer(variant='base', *, impl='auto'):
-  """A flaxact ``MoE`` (the same weights for every ``impl``)."""
-  return _constructor(variant, impl)()
+  """A new flaxact ``MoE`` (the same random weights for every ``impl``)."""
+  return nnx.merge(*_split(variant, impl))
 
 
 def _pair(variant='base'):
@@ -145,7 +148,7 @@ def test_qat_int8_forward_and_grads(variant):
   q, q_hand = _quantize([layer, hand], qwix.QtProvider(qh.QAT_RULES), x)
   (y, g), (y_hand, g_hand), y_float = _run([q, q_hand], x, hand)
   chex.assert_trees_all_equal(y, y_hand)
-  assert qh.float_error(y, y_float) > 0  # it did quantize
+  assert 0 < qh.float_error(y, y_float) < 0.05  # it did quantize
   g = _assert_same_grads(g, g_hand)
   for name in EXPERTS:
     assert np.any(np.asarray(g[f'{name}/kernel']) != 0), name
@@ -154,12 +157,15 @@ def test_qat_int8_forward_and_grads(variant):
 def test_qat_static_scale_under_nnx_jit_and_grad():
   x = _x()
   provider = qwix.QtProvider(qh.QAT_STATIC_RULES)
-  models = _quantize(list(_pair()), provider, x)
+  layer, hand = _pair()
+  models = _quantize([layer, hand], provider, x)
   for _ in range(2):  # the statistics move on each call
     (y, g), (y_hand, g_hand) = _run(models, x)
     chex.assert_trees_all_equal(y, y_hand)
     _assert_same_grads(g, g_hand)
-  chex.assert_trees_all_equal(*_call(models, x))
+  y, y_hand, y_float = _call([*models, hand], x)
+  chex.assert_trees_all_equal(y, y_hand)
+  assert qh.float_error(y, y_float) > 0  # it did quantize
   stats = [_flat(nnx.state(m, qwix.QuantStat)) for m in models]
   chex.assert_trees_all_close(*stats, **F32)
   for name in EXPERTS:
@@ -221,17 +227,13 @@ def test_lora_adapts_the_experts_and_trains():
 
 def test_aqt_functional_dot_general_equals_baseline_and_trains():
   dg = aqt_config.config_v4(fwd_bits=8, dlhs_bits=None, drhs_bits=None)
-  layer = nnx.jit(
-    lambda: fx.MoE(D, H, E, K, dot_general=dg, rngs=nnx.Rngs(0))
-  )()
+  layer = fx.MoE(D, H, E, K, dot_general=dg, rngs=nnx.Rngs(0))
+  mh.copy_state(_layer(), layer, nnx.Param)
   hand = mh.nnx_hand_like(layer, dot_general=dg)
   x = _x()
   (y, g), (y_hand, g_hand), y_float = _run([layer, hand], x, _layer())
   chex.assert_trees_all_equal(y, y_hand)
-  # int8 router inputs flip a near-tie (token 9: 2nd/3rd logits 0.02
-  # apart) and that token's error is O(1); the others' stays small.
-  errors = mh.token_errors(y, y_float)
-  assert np.max(errors) > 0 and np.median(errors) < 0.05, errors
+  assert 0 < qh.float_error(y, y_float) < 0.05
   g = _assert_same_grads(g, g_hand)
   for name in EXPERTS:
     kernel_grad = np.asarray(g[f'{name}/kernel'])

@@ -52,6 +52,7 @@ def _highest_precision():
     yield
 
 
+@functools.cache
 def _x():
   return jax.random.normal(jax.random.key(1), (2, 6, D))
 
@@ -65,11 +66,12 @@ def _pair(variant='base', **hook):
 @functools.cache
 def _init(variant):
   layer = fl.MoE(H, E, K, **mh.VARIANTS[variant])
-  return nn.unbox(jax.jit(layer.init)(jax.random.key(0), _x()))['params']
+  shapes = jax.eval_shape(layer.init, jax.random.key(0), _x())
+  return mh.random_params(nn.unbox(shapes)['params'])
 
 
 def _params(variant='base'):
-  """The float ``MoE`` params of ``variant`` (a hook adds no params)."""
+  """Random params of the ``MoE`` ``variant`` (a hook adds no params)."""
   return {'params': jax.tree.map(lambda a: a, _init(variant))}
 
 
@@ -127,7 +129,7 @@ def test_qat_int8_forward_and_grads(variant):
   )
   (y, g), (y_hand, g_hand), y_float = _run([q, q_hand], [v, v], x, hand)
   chex.assert_trees_all_equal(y, y_hand)
-  assert qh.float_error(y, y_float) > 0  # it did quantize
+  assert 0 < qh.float_error(y, y_float) < 0.05  # it did quantize
   chex.assert_trees_all_close(g, g_hand, **GRAD_TOL)
   for name in EXPERTS:
     assert np.any(np.asarray(g['params'][name]['kernel']) != 0), name
@@ -270,8 +272,7 @@ def test_aqt_functional_dot_general_equals_baseline_and_trains():
   v, x = _params(), _x()
   (y, g), (y_hand, g_hand), y_float = _run([layer, hand], [v, v], x, _pair()[0])
   chex.assert_trees_all_equal(y, y_hand)
-  errors = mh.token_errors(y, y_float)
-  assert np.max(errors) > 0 and np.median(errors) < 0.05, errors
+  assert 0 < qh.float_error(y, y_float) < 0.05
   chex.assert_trees_all_close(g, g_hand, **GRAD_TOL)
   for name in EXPERTS:
     kernel_grad = np.asarray(g['params'][name]['kernel'])
