@@ -24,6 +24,8 @@ both.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import flaxact
+from flaxact._src.moe_route import GroupedImplUnderQuantizerWarning
 from tests import quantization_helpers as qh
 
 #: Input width, expert hidden width, experts, experts per token, shared
@@ -288,3 +291,17 @@ class LinenMoE(nn.Module):
         shared = jax.nn.sigmoid(gate_logit) * shared
       y = y + shared
     return y
+
+
+@contextlib.contextmanager
+def warns_grouped():
+  """Expects :class:`GroupedImplUnderQuantizerWarning` (others recorded).
+
+  Records every warning (Qwix's deprecation warnings too) instead of
+  ``pytest.warns``, which re-raises the ones that do not match.
+  """
+  with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter('always')
+    yield
+  found = [w for w in seen if w.category is GroupedImplUnderQuantizerWarning]
+  assert found and "impl='loop'" in str(found[0].message), seen

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -28,6 +29,11 @@ from flaxact._src.routing import (
 )
 
 Array = jax.Array
+
+
+class GroupedImplUnderQuantizerWarning(UserWarning):
+  """A grouped experts impl ran where a quantizer intercepts matmuls."""
+
 
 #: Every ``impl`` value: the grouped impls, ``'dense'`` and ``'auto'``.
 IMPLS = (*gm.IMPLS, 'dense', 'auto')
@@ -89,6 +95,10 @@ def resolve_impl(impl: str, *, hooked: bool = False) -> str:
 
   Raises:
     ValueError: for an unknown impl, or a grouped impl with ``hooked``.
+
+  Warns:
+    GroupedImplUnderQuantizerWarning: a grouped impl given explicitly while
+      ``jax.lax.dot_general`` is intercepted.
   """
   impl = normalise_choice(impl, IMPLS, 'impl', 'impls')
   if impl == 'auto':
@@ -100,6 +110,17 @@ def resolve_impl(impl: str, *, hooked: bool = False) -> str:
       f"impl={impl!r} runs the experts in flaxact's grouped matmul, which a"
       " dot_general hook cannot reach; use impl='auto' or 'dense' with"
       ' dot_general/dot_general_cls.'
+    )
+  if impl != 'dense' and dot_general_intercepted():
+    warnings.warn(
+      f'MoE: impl={impl!r} while jax.lax.dot_general is intercepted (Qwix):'
+      " the experts' grouped matmul is not a quantization point, so their"
+      ' kernels stay float (and a QAT rule matching the MoE module itself'
+      ' fake-quantizes the grouped forward only). Use the default'
+      " impl='auto' (or 'dense') to quantize the experts; filter this"
+      ' warning if only the router or shared expert is meant.',
+      GroupedImplUnderQuantizerWarning,
+      stacklevel=2,
     )
   return impl
 
