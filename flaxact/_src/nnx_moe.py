@@ -139,7 +139,8 @@ class MoE(FFNBase):
       ``dot_general`` per projection, what quantizers reach); all give the
       same result. ``'auto'``: ``'dense'`` with a ``dot_general`` hook or
       under Qwix, else ``'loop'`` on CPU and ``'ragged'`` on GPU/TPU. A
-      grouped impl with a ``dot_general`` hook is an error.
+      grouped impl with a ``dot_general`` hook is an error; under Qwix it
+      warns that the experts stay float.
     tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
     remat: memory-lean backward (``nnx.remat`` with
       :data:`~flaxact._src.moe_layer.MOE_LAYER_REMAT_POLICY`).
