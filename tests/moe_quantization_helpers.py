@@ -25,12 +25,14 @@ both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 import flaxact
@@ -40,6 +42,27 @@ from tests import quantization_helpers as qh
 #: Input width, expert hidden width, experts, experts per token, shared
 #: expert hidden width.
 D, H, E, K, SHARED_H = 16, 32, 4, 2, 24
+
+#: The marks both MoE quantization test modules take.
+PYTESTMARK = [
+  # qwix 0.1.8 calls Flax APIs that Flax 0.12 deprecates; flaxact uses
+  # neither.
+  pytest.mark.filterwarnings('ignore::DeprecationWarning:qwix'),
+  pytest.mark.filterwarnings(
+    "ignore:'.value' setter is now deprecated:DeprecationWarning"
+  ),
+  # aqtp 0.9.0 calls jnp.promote_types on arrays (inside its dot_general).
+  pytest.mark.filterwarnings(
+    'ignore:Implicit conversion of an array to a dtype:DeprecationWarning'
+  ),
+]
+
+
+@functools.cache
+def x_input():
+  """The input both test modules use, ``(2, 6, D)``."""
+  return jax.random.normal(jax.random.key(1), (2, 6, D))
+
 
 #: The layer variants: keyword arguments of both frameworks' ``MoE``.
 VARIANTS = {

@@ -37,18 +37,7 @@ F32 = TOL[np.dtype(jnp.float32)]
 # flaxact's custom-JVP gated product versus autodiff of silu(g) * u.
 GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
 
-# qwix 0.1.8 calls Flax APIs that Flax 0.12 deprecates (as in
-# tests/test_quantization_nnx.py); flaxact itself uses neither.
-pytestmark = [
-  pytest.mark.filterwarnings('ignore::DeprecationWarning:qwix'),
-  pytest.mark.filterwarnings(
-    "ignore:'.value' setter is now deprecated:DeprecationWarning"
-  ),
-  # aqtp 0.9.0 calls jnp.promote_types on arrays (inside its dot_general).
-  pytest.mark.filterwarnings(
-    'ignore:Implicit conversion of an array to a dtype:DeprecationWarning'
-  ),
-]
+pytestmark = mh.PYTESTMARK
 
 
 @pytest.fixture(autouse=True)
@@ -57,9 +46,7 @@ def _highest_precision():
     yield
 
 
-@functools.cache
-def _x():
-  return jax.random.normal(jax.random.key(1), (2, 6, D))
+_x = mh.x_input
 
 
 # Models are quantized, called and differentiated under nnx.jit, the flaxact

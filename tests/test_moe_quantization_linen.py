@@ -38,14 +38,7 @@ F32 = TOL[np.dtype(jnp.float32)]
 GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
 MODE = aqt_flax.QuantMode
 
-pytestmark = [
-  # qwix 0.1.8 calls Flax APIs that Flax 0.12 deprecates.
-  pytest.mark.filterwarnings('ignore::DeprecationWarning:qwix'),
-  # aqtp 0.9.0 calls jnp.promote_types on arrays (inside AqtDotGeneral).
-  pytest.mark.filterwarnings(
-    'ignore:Implicit conversion of an array to a dtype:DeprecationWarning'
-  ),
-]
+pytestmark = mh.PYTESTMARK
 
 
 @pytest.fixture(autouse=True)
@@ -54,9 +47,7 @@ def _highest_precision():
     yield
 
 
-@functools.cache
-def _x():
-  return jax.random.normal(jax.random.key(1), (2, 6, D))
+_x = mh.x_input
 
 
 def _pair(variant='base', **hook):
