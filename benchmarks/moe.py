@@ -15,9 +15,10 @@ be shared: medians and the min-max spread are reported):
   ``flaxact.linen.MoE`` with respect to its parameters and the input, jitted,
   for the float layer with ``impl='loop'`` (the CPU default) and
   ``impl='dense'`` and for the layer under Qwix int8 QAT (weights and
-  activations, every module but the router; QAT runs ``'dense'``): step time
-  and compiled temp memory (``memory_analysis()``) as ratios to float
-  ``'loop'``;
+  activations, every module but the router; QAT runs ``'dense'``), and
+  ``'dense'``/QAT again with ``capacity_factor=1.25`` (each expert computes
+  its capacity slots only): step time and compiled temp memory
+  (``memory_analysis()``) as ratios to float dropless ``'loop'``;
 - Hugging Face ``transformers``' MoE blocks (Mixtral for coarse, Qwen3-MoE
   for fine) with each ``experts_implementation``, against PyTorch's own
   dense bound, when ``--torch-python`` names a Python with torch and
@@ -52,6 +53,9 @@ LAYER_QUICK = '256,64,128,8,2'
 #: Qwix rule of the QAT row: int8 weights and activations everywhere but the
 #: router (int8 router activations can change which experts are chosen).
 QAT_MODULE_PATH = '^(?!router).*'
+#: capacity_factor of the capped layer rows: ``'dense'`` then computes each
+#: expert's ``C`` slots only.
+CAPACITY = 1.25
 
 
 def _args(argv=None):
@@ -197,10 +201,15 @@ def layer_cases(shape, a):
   rule = qwix.QtRule(
     module_path=QAT_MODULE_PATH, weight_qtype='int8', act_qtype='int8'
   )
+  cap = dict(capacity_factor=CAPACITY)
   layers = {
     'loop': fl.MoE(h, e, k, impl='loop'),
     'dense': fl.MoE(h, e, k, impl='dense'),
     'qat': qwix.quantize_model(fl.MoE(h, e, k), qwix.QtProvider([rule])),
+    'dense_cap': fl.MoE(h, e, k, impl='dense', **cap),
+    'qat_cap': qwix.quantize_model(
+      fl.MoE(h, e, k, **cap), qwix.QtProvider([rule])
+    ),
   }
   built = {}
   for name, layer in layers.items():
@@ -254,6 +263,8 @@ def _print_layer(r, repeats):
     'loop': "float impl='loop'",
     'dense': "float impl='dense'",
     'qat': 'Qwix int8 QAT (dense)',
+    'dense_cap': f"float 'dense', cap {CAPACITY}",
+    'qat_cap': f'Qwix int8 QAT, cap {CAPACITY}',
   }
   for name, (med, lo, hi) in r['ms'].items():
     mib = r['temp_bytes'][name] / 2**20

@@ -8,9 +8,11 @@ rhs is the whole stacked ``(E, in, out)`` kernel, inside a module named
 ``gate_proj`` / ``up_proj`` / ``down_proj`` that holds that kernel (so
 Qwix attributes the matmul to the module and finds its ``kernel``):
 
-* gate/up: ``(T, d) x (E, d, h) -> (T, E, h)``, contracting ``d``;
-* down: ``(T, E, h) x (E, h, out) -> (E, T, out)``, experts as the batch
-  axis, then summed over ``E``.
+* gate/up: the tokens broadcast to ``(T, E, d)``, times ``(E, d, h)`` with
+  the experts as the batch axis: ``(E, T, h)`` (so LoRA gets one adapter
+  per expert, as PEFT gives each expert ``Linear`` its own);
+* down: the hidden activations back to ``(T, E, h)``, times
+  ``(E, h, out)``: ``(E, T, out)``, then summed over ``E``.
 
 Every token goes through every expert; the routing weights form a ``(T, E)``
 combine matrix built without a matmul (a quantizer must not round them) and
@@ -71,8 +73,7 @@ VARIANTS = {
   'biases': dict(use_bias=True, router_use_bias=True),
 }
 
-_IN = (((1,), (1,)), ((), ()))  # (T, d) x (E, d, h) -> (T, E, h)
-_OUT = (((2,), (1,)), ((1,), (0,)))  # (T, E, h) x (E, h, o) -> (E, T, o)
+_DIMS = (((2,), (1,)), ((1,), (0,)))  # (T, E, i) x (E, i, o) -> (E, T, o)
 
 
 def combine_matrix(logits: jax.Array, k: int) -> jax.Array:
@@ -87,19 +88,19 @@ def combine_matrix(logits: jax.Array, k: int) -> jax.Array:
 def project(x, kernel, bias, combine, dot_general):
   """Every expert's projection of ``x`` with one ``dot_general``."""
   dot = jax.lax.dot_general if dot_general is None else dot_general
-  if x.ndim == 2:  # gate/up
-    y = dot(x, kernel, _IN, None)
-    return y if bias is None else y + bias[None]
-  y = dot(x, kernel, _OUT, None)  # down
-  if bias is not None:
-    y = y + combine.T[..., None] * bias[:, None, :]
-  return y
+  y = dot(x, kernel, _DIMS, None)  # (E, T, out)
+  if bias is None:
+    return y
+  if combine is None:  # gate/up
+    return y + bias[:, None, :]
+  return y + combine.T[..., None] * bias[:, None, :]  # down
 
 
 def experts_ffn(tokens, combine, gate, up, down):
   """``sum_e combine[t, e] * down_e(silu(gate_e(x)) * up_e(x))``."""
-  hidden = flaxact.silu(gate(tokens)) * up(tokens) * combine[..., None]
-  return down(hidden, combine).sum(0)
+  rows = jnp.broadcast_to(tokens[:, None], (*combine.shape, tokens.shape[-1]))
+  hidden = flaxact.silu(gate(rows)) * up(rows) * combine.T[..., None]
+  return down(jnp.swapaxes(hidden, 0, 1), combine).sum(0)
 
 
 def random_params(tree, seed=0):

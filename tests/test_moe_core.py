@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -196,8 +197,39 @@ def test_dense_backward_keeps_two_pre_activations_under_remat():
 
   args = (w['x'], w['gate_kernel'], w['up_kernel'], w['down_kernel'])
   remat = jax.checkpoint(loss, policy=moe_core.MOE_REMAT_POLICY)
-  hidden = residuals_of_shape(remat, args, (T, E, H))
+  hidden = residuals_of_shape(remat, args, (E, T, H))
   assert len(hidden) == 2 and "named 'moe_gate'" in ' '.join(hidden), hidden
+
+
+@pytest.mark.parametrize('capacity_factor', [0.5, 1.25])
+def test_dense_with_capacity_uses_the_slots_only(capacity_factor):
+  """C < T: each expert computes its C slots, not every token."""
+  w = _weights(bias=True)
+  c = math.ceil(capacity_factor * T * 2 / E)
+  assert c < T
+
+  def loss(x, gk, uk, dk, impl='dense'):
+    new = {'x': x, 'gate_kernel': gk, 'up_kernel': uk, 'down_kernel': dk}
+    y, aux = _call({**w, **new}, 2, impl=impl, capacity_factor=capacity_factor)
+    return jnp.sum(jnp.sin(y)), aux.dropped
+
+  args = (w['x'], w['gate_kernel'], w['up_kernel'], w['down_kernel'])
+  remat = jax.checkpoint(
+    lambda *a: loss(*a)[0], policy=moe_core.MOE_REMAT_POLICY
+  )
+  assert len(residuals_of_shape(remat, args, (E, c, H))) == 2
+  assert not residuals_of_shape(remat, args, (E, T, H))
+  with jax.default_matmul_precision('highest'):
+    (got, dropped), g = jax.value_and_grad(loss, (0, 1, 3), has_aux=True)(*args)
+    (want, want_dropped), g_want = jax.value_and_grad(
+      functools.partial(loss, impl='loop'), (0, 1, 3), has_aux=True
+    )(*args)
+  if capacity_factor < 1:
+    assert int(dropped.sum()) > 0  # the capacity bites
+  np.testing.assert_array_equal(np.asarray(dropped), np.asarray(want_dropped))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for a, b in zip(g, g_want, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **F32_FFN)
 
 
 def _recording_dot(calls):

@@ -237,7 +237,7 @@ def test_qat_keeps_two_expert_hidden_sized_residuals():
   def loss(state, x):
     return jnp.sum(nnx.merge(graphdef, state)(x))
 
-  hidden = residuals_of_shape(loss, (state, x), (x.size // D, E, H))
+  hidden = residuals_of_shape(loss, (state, x), (E, x.size // D, H))
   assert len(hidden) == 2, hidden
 
 

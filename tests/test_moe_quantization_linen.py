@@ -280,7 +280,7 @@ def test_qat_keeps_two_expert_hidden_sized_residuals():
   def loss(v, x):
     return jnp.sum(layer.apply(v, x))
 
-  hidden = residuals_of_shape(loss, (v, x), (x.size // D, E, H))
+  hidden = residuals_of_shape(loss, (v, x), (E, x.size // D, H))
   assert len(hidden) == 2, hidden
 
 

@@ -1,29 +1,35 @@
 """The routed experts as plain ``dot_general`` calls: the ``'dense'`` impl.
 
-Every token goes through every expert and the routing weights, scattered
-into a ``(T, E)`` matrix that is zero where an expert was not chosen (or the
-assignment was dropped), select and weight the results::
+Each expert projection is ONE ``dot_general`` whose right operand is the
+whole stacked ``(E, in, out)`` kernel, experts as the batch axis, as in a
+hand-written MoE::
 
-  gate = dot_general(x, G)            # (T, d) x (E, d, h) -> (T, E, h)
-  up   = dot_general(x, U)            # (T, E, h)
-  hid  = where(w > 0, prod(gate, up) * w, 0)
-  out  = dot_general(hid, D)          # batched over E -> (E, T, out)
+  rows = x broadcast to (T, E, d)     # every token a row of every expert
+  gate = dot_general(rows, G)         # (T, E, d) x (E, d, h) -> (E, T, h)
+  up   = dot_general(rows, U)         # (E, T, h)
+  hid  = where(w > 0, prod(gate, up) * w, 0)   # w: (T, E) routing weights
+  out  = dot_general(hid^T, D)        # (T, E, h) x (E, h, o) -> (E, T, o)
   y    = sum_E out
 
-Each projection is one ``dot_general`` whose right operand is a whole
-stacked ``(E, in, out)`` kernel, as in a hand-written MoE. Quantization
-libraries see it as they see any dense layer's matmul: Qwix finds the
-kernel among the module's parameters (PTQ stores it quantized, QAT
-fake-quantizes it, LoRA adds a per-expert adapter ``(E, in, r)`` x
-``(E, r, out)``) and quantizes per expert and output channel, and per token
-row for the activations (its defaults: every non-contracting axis is a
-channel); an AQT ``dot_general`` hook gets the same call. Plain autodiff
-gives the backward pass, so a quantizer's own VJP (straight-through) holds.
+With a ``capacity`` ``C`` below ``T`` the rows are each expert's ``C``
+slots instead, ``(C, E, d)``, filled with its kept assignments in token
+order (``C·E`` rows in place of ``T·E``).
 
-It costs ``E / k`` times the FLOPs of the grouped impls; with remat the
-backward pass keeps the two ``(T, E, h)`` pre-activations (tagged
-``'moe_gate'`` and ``'moe_up'``). The ``MoE`` layers pick it by themselves
-when a quantizer needs it (see :func:`flaxact._src.moe_layer.experts_impl`).
+Quantization libraries see each projection as they see any dense layer's
+matmul: Qwix finds the kernel among the module's parameters (PTQ stores it
+quantized, QAT fake-quantizes it, LoRA adds a per-expert adapter
+``(E, in, r)`` x ``(E, r, out)``, as PEFT gives each expert ``Linear`` its
+own) and quantizes per expert and output channel, and per row for the
+activations (its defaults: every non-contracting axis is a channel; static
+scales average over the rows, axis 0); an AQT ``dot_general`` hook gets the
+same call. Plain autodiff gives the backward pass, so a quantizer's own VJP
+(straight-through) holds.
+
+Dropless, it costs ``E / k`` times the FLOPs of the grouped impls (with a
+capacity factor ``c``, about ``c`` times); with remat the backward pass
+keeps the two ``(E, rows, h)`` pre-activations (tagged ``'moe_gate'`` and
+``'moe_up'``). The ``MoE`` layers pick it by themselves when a quantizer
+needs it (see :func:`flaxact._src.moe_route.resolve_impl`).
 """
 
 from __future__ import annotations
@@ -43,25 +49,12 @@ Array = jax.Array
 Projector = Callable[..., Array]
 
 
-def combine_matrix(
-  weights: Array, experts: Array, dropped: Array, num_experts: int
-) -> Array:
-  """The ``(T, E)`` routing weights: ``weights[t, j]`` at ``experts[t, j]``.
+#: ``(rows, E, in) x (E, in, out) -> (E, rows, out)``: experts as the batch.
+DIMS = (((2,), (1,)), ((1,), (0,)))
 
-  Args:
-    weights: ``(T, k)`` routing weights.
-    experts: ``(T, k)`` chosen experts.
-    dropped: ``(T, k)`` bool, assignments over capacity (weight 0).
-    num_experts: ``E``.
 
-  Returns:
-    ``(T, E)`` in the dtype of ``weights``; zero where not chosen.
-  """
-  kept = jnp.where(dropped, 0.0, weights)
-  one_hot = jax.nn.one_hot(experts, num_experts, dtype=kept.dtype)
-  # A sum of products, not an einsum: a quantizer intercepting matmuls must
-  # not round the routing weights.
-  return (one_hot * kept[..., None]).sum(1)
+def _take(a, idx):
+  return jnp.take(a, idx, axis=0, mode='fill', fill_value=0)
 
 
 def project(
@@ -73,73 +66,121 @@ def project(
   dot_general: Callable[..., Array] | None = None,
   bias_scale: Array | None = None,
 ) -> Array:
-  """Every expert's projection of ``x`` with one ``dot_general``.
+  """Every expert's projection of its rows with one ``dot_general``.
 
-  ``x`` of shape ``(T, d)`` with ``kernel`` ``(E, d, h)`` gives
-  ``(T, E, h)`` (``bias`` ``(E, h)`` added); ``x`` of shape ``(T, E, h)``
-  with ``kernel`` ``(E, h, out)`` contracts each expert's own rows and gives
-  ``(E, T, out)`` (``bias`` ``(E, out)`` added times ``bias_scale``
-  ``(E, T)``, the routing weights).
+  ``x`` of shape ``(rows, E, in)`` holds each expert's input rows along
+  axis 1; with ``kernel`` ``(E, in, out)`` (experts as the batch axis) the
+  result is ``(E, rows, out)``, plus ``bias`` ``(E, out)``, times
+  ``bias_scale`` ``(E, rows)`` (the routing weights) when given.
 
   Args:
-    x: ``(T, d)`` tokens or ``(T, E, h)`` hidden activations, already
-      promoted to the compute dtype.
+    x: ``(rows, E, in)``, already promoted to the compute dtype.
     kernel: the stacked kernel (a quantization library may hand a quantized
       array through).
     bias: ``(E, out)`` or ``None``.
     precision: passed to ``dot_general``.
     dot_general: a :func:`jax.lax.dot_general` replacement; ``None`` looks
       up ``jax.lax.dot_general`` at call time (so Qwix sees the call).
-    bias_scale: ``(E, T)`` weights of the bias of a batched projection.
+    bias_scale: ``(E, rows)`` weights of the bias.
 
   Returns:
-    ``(T, E, h)`` or ``(E, T, out)``.
+    ``(E, rows, out)``.
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> project(jnp.ones((5, 4)), jnp.ones((3, 4, 8)), None).shape
-    (5, 3, 8)
-    >>> project(jnp.ones((5, 3, 8)), jnp.ones((3, 8, 4)), None).shape
-    (3, 5, 4)
+    >>> project(jnp.ones((5, 3, 4)), jnp.ones((3, 4, 8)), None).shape
+    (3, 5, 8)
   """
   dot = jax.lax.dot_general if dot_general is None else dot_general
-  if x.ndim == 2:
-    y = dot(x, kernel, (((1,), (1,)), ((), ())), precision=precision)
-    if bias is not None:
-      y = y + jnp.asarray(bias).astype(y.dtype)[None]
-    return y
-  y = dot(x, kernel, (((2,), (1,)), ((1,), (0,))), precision=precision)
+  y = dot(x, kernel, DIMS, precision=precision)
   if bias is not None:
     b = jnp.asarray(bias).astype(y.dtype)[:, None, :]
-    scale = jnp.ones(y.shape[:2], y.dtype) if bias_scale is None else bias_scale
-    y = y + scale.astype(y.dtype)[..., None] * b
+    if bias_scale is not None:
+      b = bias_scale.astype(y.dtype)[..., None] * b
+    y = y + b
   return y
+
+
+def experts_rows(
+  rows: Array,
+  weights: Array,
+  projections: tuple[Projector, Projector, Projector],
+  gated_product: Callable[[Array, Array], Array],
+) -> Array:
+  """The weighted expert FFN of each expert's rows: ``(E, rows, out)``.
+
+  Args:
+    rows: ``(R, E, d)``: row ``r`` of expert ``e`` at ``[r, e]``.
+    weights: ``(R, E)`` routing weight of each row (0: no token there).
+    projections: gate, up and down: each ``project(a, bias_scale=None)``
+      (see :func:`project`).
+    gated_product: ``(gate, up) -> hidden``, element-wise.
+  """
+  gate, up, down = projections
+  g = checkpoint_name(gate(rows), GATE)  # (E, R, h)
+  u = checkpoint_name(up(rows), UP)
+  w = weights.T
+  wh = w.astype(g.dtype)[..., None]
+  # Empty rows are masked, not just weighted by zero: an overflow there
+  # (inf * 0) must not reach y.
+  hid = jnp.where(wh != 0, gated_product(g, u) * wh, 0).astype(g.dtype)
+  # Back to rows first, so a quantizer's per-row statistics average over
+  # rows (its batch axis 0), not over experts.
+  return down(jnp.swapaxes(hid, 0, 1), bias_scale=w)
 
 
 def experts_ffn(
   x: Array,
-  combine: Array,
+  weights: Array,
+  experts: Array,
+  dropped: Array,
   projections: tuple[Projector, Projector, Projector],
   gated_product: Callable[[Array, Array], Array],
+  *,
+  num_experts: int,
+  capacity: int | None,
 ) -> Array:
-  """``sum_e combine[t, e] * FFN_e(x[t])`` with every expert on every token.
+  """``sum_j weights[t, j] * FFN_{experts[t, j]}(x[t])`` over kept ones.
+
+  Without a capacity (or one of at least ``T``) every token is a row of
+  every expert, ``(T, E, d)``, the routing weights zero where an expert
+  was not chosen. With ``capacity`` ``C < T`` each expert's kept
+  assignments fill its ``C`` slots in token order, ``(C, E, d)``: ``C·E``
+  rows instead of ``T·E``.
 
   Args:
     x: ``(T, d)`` tokens in the compute dtype.
-    combine: ``(T, E)`` routing weights from :func:`combine_matrix`.
-    projections: gate, up and down: each ``project(a, bias_scale=None)``
-      (see :func:`project`).
+    weights: ``(T, k)`` routing weights.
+    experts: ``(T, k)`` chosen experts.
+    dropped: ``(T, k)`` bool, assignments over capacity.
+    projections: gate, up and down (see :func:`project`).
     gated_product: ``(gate, up) -> hidden``, element-wise.
+    num_experts: ``E``.
+    capacity: ``C`` or ``None`` (dropless).
 
   Returns:
     ``(T, out)`` in the dtype of the projections.
   """
-  gate, up, down = projections
-  g = checkpoint_name(gate(x), GATE)
-  u = checkpoint_name(up(x), UP)
-  w = combine.astype(g.dtype)[..., None]
-  # Unchosen experts are masked, not just weighted by zero: an overflow
-  # there (inf * 0) must not reach y.
-  hid = jnp.where(w != 0, gated_product(g, u) * w, 0).astype(g.dtype)
-  out = down(hid, bias_scale=combine.T)
-  return out.sum(0)
+  t, k = experts.shape
+  e, n = num_experts, t * k
+  kept = jnp.where(dropped, 0.0, weights)
+  if capacity is None or capacity >= t:
+    one_hot = jax.nn.one_hot(experts, e, dtype=kept.dtype)
+    # A sum of products, not an einsum: a quantizer intercepting matmuls
+    # must not round the routing weights.
+    combine = (one_hot * kept[..., None]).sum(1)
+    rows = jnp.broadcast_to(x[:, None, :], (t, e, x.shape[-1]))
+    return experts_rows(rows, combine, projections, gated_product).sum(0)
+  c = capacity
+  flat = experts.reshape(n)
+  ok = ~dropped.reshape(n)
+  one_hot = jax.nn.one_hot(flat, e, dtype=jnp.int32)
+  rank = (jnp.cumsum(one_hot, 0) * one_hot).sum(1) - 1  # in token order
+  grid = jnp.where(ok, rank * e + flat, c * e)
+  assign = jnp.full((c * e,), n, jnp.int32)
+  assign = assign.at[grid].set(jnp.arange(n, dtype=jnp.int32), mode='drop')
+  rows = _take(x, assign // k).reshape(c, e, -1)
+  row_w = _take(kept.reshape(n), assign).reshape(c, e)
+  out = experts_rows(rows, row_w, projections, gated_product)  # (E, C, o)
+  pick = jnp.where(ok, flat * c + rank, c * e)
+  return _take(out.reshape(c * e, -1), pick).reshape(t, k, -1).sum(1)

@@ -84,8 +84,8 @@ class ExpertProjection(nn.Module):
 
     Args:
       dtype: the compute dtype.
-      x: ``(T, in)`` tokens or ``(T, E, in)`` hidden activations.
-      bias_scale: ``(E, T)`` routing weights of the bias (batched ``x``).
+      x: ``(rows, E, in)``: each expert's input rows.
+      bias_scale: ``(E, rows)`` routing weights of the bias.
     """
     e = self.num_experts
     kernel = self.param(

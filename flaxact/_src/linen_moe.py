@@ -98,12 +98,14 @@ class MoE(FFNBase):
   its whole stacked kernel, every expert on every token, as a hand-written
   MoE does, so Qwix QAT/PTQ/LoRA and AQT quantize the experts per expert and
   output channel. ``impl='auto'`` picks it by itself under a ``dot_general``
-  hook or while ``jax.lax.dot_general`` is intercepted (Qwix); it costs
-  ``E / k`` times the experts' FLOPs of the grouped impls.
+  hook or while ``jax.lax.dot_general`` is intercepted (Qwix); dropless it
+  costs ``E / k`` times the experts' FLOPs of the grouped impls (with
+  ``capacity_factor=c`` each expert computes its capacity slots only: about
+  ``c`` times).
 
   With ``remat=True`` the backward pass keeps two ``(T·k, hidden)`` arrays
   (the experts' gate and up pre-activations, ``'moe_gate'``/``'moe_up'``;
-  ``(T, E, hidden)`` with ``'dense'``) plus the shared expert's two. Under
+  ``(E, rows, hidden)`` with ``'dense'``) plus the shared expert's two. Under
   a mesh whose logical axis rules map ``'exp'`` to a mesh axis
   (:data:`EXPERT_PARALLEL_RULES`), the grouped impls run expert-parallel
   (``'dense'`` leaves the partitioning to ``jit``): tokens move to the

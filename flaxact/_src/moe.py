@@ -152,8 +152,9 @@ def moe_ffn(
       :func:`gpt_oss_glu`).
     capacity_factor: ``None`` (dropless) or a positive number.
     impl: ``'loop'``, ``'tiles'`` or ``'ragged'`` (grouped matmuls), or
-      ``'dense'`` (every expert on every token, one ``dot_general`` per
-      projection, ``E / k`` times the FLOPs: what quantizers can reach; see
+      ``'dense'`` (every expert on every token, or on its capacity slots,
+      one ``dot_general`` per projection, ``E / k`` times the FLOPs
+      dropless: what quantizers can reach; see
       :mod:`flaxact._src.dense_experts`); all give the same result.
       ``'auto'``: ``'dense'`` with a ``dot_general`` hook or while
       ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'`` on CPU
@@ -252,7 +253,7 @@ def moe_ffn(
       )
       for kernel, bias in zip(kernels, biases, strict=True)
     )
-    y = dense_experts.experts_ffn(tokens, r.combine(), (gate, up, down), prod)
+    y = r.dense_ffn(tokens, (gate, up, down), prod)
   elif mesh is None:
     assert r.layout is not None
     y = moe_core.experts_ffn(

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxact._src import dense_experts, ffn_body, moe, moe_route, remat, routing
+from flaxact._src import ffn_body, moe, moe_route, remat, routing
 from flaxact._src.checks import check_positive_int, normalise_choice
 from flaxact._src.moe_core import GATE as MOE_GATE
 from flaxact._src.moe_core import UP as MOE_UP
@@ -298,7 +298,7 @@ def routed(
     )
     gate, up, down = (functools.partial(p, x.dtype) for p in experts)
     tokens = x.reshape(-1, x.shape[-1])
-    y = dense_experts.experts_ffn(tokens, r.combine(), (gate, up, down), prod)
+    y = r.dense_ffn(tokens, (gate, up, down), prod)
     a = r.aux(lead)
     aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load)
     return y.reshape(*lead, -1).astype(x.dtype), aux

@@ -154,6 +154,7 @@ class Routed(NamedTuple):
     experts: ``(T, k)`` chosen experts.
     dropped: ``(T, k)`` bool, assignments over capacity.
     layout: the sorted layout of a grouped impl, or ``None``.
+    capacity: assignments kept per expert, or ``None`` (dropless).
   """
 
   logits: Array
@@ -161,16 +162,27 @@ class Routed(NamedTuple):
   experts: Array
   dropped: Array
   layout: moe_core.Layout | None
+  capacity: int | None = None
 
   @property
   def kept_weights(self) -> Array:
     """``(T, k)`` weights, zero where dropped."""
     return jnp.where(self.dropped, 0.0, self.weights)
 
-  def combine(self) -> Array:
-    """``(T, E)`` weights of the ``'dense'`` impl."""
-    return dense_experts.combine_matrix(
-      self.weights, self.experts, self.dropped, self.logits.shape[-1]
+  def dense_ffn(self, x: Array, projections, gated_product) -> Array:
+    """The ``'dense'`` experts of ``(T, d)`` tokens ``x``.
+
+    See :func:`flaxact._src.dense_experts.experts_ffn`.
+    """
+    return dense_experts.experts_ffn(
+      x,
+      self.weights,
+      self.experts,
+      self.dropped,
+      projections,
+      gated_product,
+      num_experts=self.logits.shape[-1],
+      capacity=self.capacity,
     )
 
   def aux(self, lead: tuple[int, ...]) -> MoEAux:
@@ -231,7 +243,7 @@ def route(
     dropped = jnp.zeros((t, k), bool)
     if capacity is not None:
       dropped = moe_core.make_layout(experts, e, 1, capacity).dropped
-    return Routed(logits, weights, experts, dropped, None)
+    return Routed(logits, weights, experts, dropped, None, capacity)
   tile = 1 if impl == 'ragged' else int(tile_size)
   layout = moe_core.make_layout(experts, e, tile, capacity)
-  return Routed(logits, weights, experts, layout.dropped, layout)
+  return Routed(logits, weights, experts, layout.dropped, layout, capacity)

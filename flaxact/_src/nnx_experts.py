@@ -100,8 +100,8 @@ class ExpertProjection(nnx.Module):
 
     Args:
       dtype: the compute dtype.
-      x: ``(T, in)`` tokens or ``(T, E, in)`` hidden activations.
-      bias_scale: ``(E, T)`` routing weights of the bias (batched ``x``).
+      x: ``(rows, E, in)``: each expert's input rows.
+      bias_scale: ``(E, rows)`` routing weights of the bias.
     """
     bias = None if self.bias is None else self.bias[...]
     if x is None:
