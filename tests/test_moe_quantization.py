@@ -12,6 +12,7 @@ adapted as the router and shared expert are.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import chex
@@ -23,6 +24,7 @@ import qwix
 from aqt.jax.v2 import config as aqt_config
 from flax import nnx
 
+import flaxact
 from flaxact import nnx as fx
 from flaxact._src.moe_route import GroupedImplUnderQuantizerWarning
 from tests import moe_quantization_helpers as mh
@@ -141,6 +143,54 @@ def test_qat_int8_forward_and_grads(variant):
   g = _assert_same_grads(g, g_hand)
   for name in EXPERTS:
     assert np.any(np.asarray(g[f'{name}/kernel']) != 0), name
+
+
+def test_qat_with_capacity_quantizes_each_token_as_dropless():
+  """The capacity slots and the all-token rows quantize a token alike.
+
+  Qwix scales activations per row and kernels per expert and channel, so a
+  token none of whose assignments was dropped gets the same quantized output
+  whether its expert rows are capacity slots or every token.
+  """
+  x = _x()
+  layer = _layer()
+  capped = _layer()
+  capped.capacity_factor = 0.75
+  t = x.size // D
+  c = math.ceil(0.75 * t * K / E)
+  assert c < t  # the slots path
+  # The router stays float, so both route alike and _dropped is exact.
+  rules = [
+    qwix.QtRule(
+      module_path='^(?!router).*', weight_qtype='int8', act_qtype='int8'
+    )
+  ]
+  models = _quantize([layer, capped], qwix.QtProvider(rules), x)
+  y, y_cap = nnx.jit(_call)(models, x)
+  dropped = _dropped(capped, x)
+  whole = ~dropped.any(-1).reshape(y.shape[:-1])
+  assert 0 < int(whole.sum()) < whole.size  # both kinds of token
+  np.testing.assert_allclose(
+    np.asarray(y_cap)[whole], np.asarray(y)[whole], rtol=1e-6, atol=1e-6
+  )
+  assert not np.allclose(np.asarray(y_cap), np.asarray(y))
+  assert qh.float_error(y, nnx.jit(_call)([layer], x)[0]) > 0  # quantized
+
+
+def _dropped(layer, x):
+  """``(T, k)`` assignments ``layer``'s capacity drops (float routing)."""
+  logits = layer.router(x.reshape(-1, D)).astype(jnp.float32)
+  _, aux = flaxact.moe_ffn(
+    x.reshape(-1, D),
+    jnp.zeros((D, E)),
+    jnp.zeros((E, D, H)),
+    jnp.zeros((E, D, H)),
+    jnp.zeros((E, H, D)),
+    experts_per_token=K,
+    router_logits=logits,
+    capacity_factor=layer.capacity_factor,
+  )
+  return np.asarray(aux.dropped)
 
 
 def test_qat_static_scale_under_nnx_jit_and_grad():
