@@ -57,6 +57,21 @@ def _take(a, idx):
   return jnp.take(a, idx, axis=0, mode='fill', fill_value=0)
 
 
+def expert_rank(experts: Array, num_experts: int) -> Array:
+  """Each assignment's place among its expert's, in token order.
+
+  Args:
+    experts: ``(n,)`` expert of each assignment, flattened in token order.
+    num_experts: ``E``.
+
+  Returns:
+    ``(n,)`` int32: how many earlier assignments chose the same expert
+    (what a capacity ``C`` compares with: ``rank < C`` is kept).
+  """
+  one_hot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32)
+  return (jnp.cumsum(one_hot, 0) * one_hot).sum(1) - 1
+
+
 def project(
   x: Array,
   kernel: Any,
@@ -174,8 +189,7 @@ def experts_ffn(
   c = capacity
   flat = experts.reshape(n)
   ok = ~dropped.reshape(n)
-  one_hot = jax.nn.one_hot(flat, e, dtype=jnp.int32)
-  rank = (jnp.cumsum(one_hot, 0) * one_hot).sum(1) - 1  # in token order
+  rank = expert_rank(flat, e)
   grid = jnp.where(ok, rank * e + flat, c * e)
   assign = jnp.full((c * e,), n, jnp.int32)
   assign = assign.at[grid].set(jnp.arange(n, dtype=jnp.int32), mode='drop')

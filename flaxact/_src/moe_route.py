@@ -242,7 +242,8 @@ def route(
   if impl == 'dense':
     dropped = jnp.zeros((t, k), bool)
     if capacity is not None:
-      dropped = moe_core.make_layout(experts, e, 1, capacity).dropped
+      rank = dense_experts.expert_rank(experts.reshape(-1), e)
+      dropped = (rank >= capacity).reshape(t, k)
     return Routed(logits, weights, experts, dropped, None, capacity)
   tile = 1 if impl == 'ragged' else int(tile_size)
   layout = moe_core.make_layout(experts, e, tile, capacity)
