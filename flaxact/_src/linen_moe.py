@@ -110,10 +110,9 @@ class MoE(FFNBase):
   (:data:`EXPERT_PARALLEL_RULES`), the grouped impls run expert-parallel
   (``'dense'`` leaves the partitioning to ``jit``): tokens move to the
   experts' devices with all-to-all and no expert kernel is gathered. The
-  shared options (``use_bias``,
-  ``dtype``, ``param_dtype``, ``precision``, initialisers, ``dot_general``,
-  ``dot_general_cls``, ``remat``) are documented on
-  :class:`~flaxact._src.linen_base.FFNBase`; dropout and
+  shared options (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
+  initialisers, ``dot_general``, ``dot_general_cls``, ``remat``) are
+  documented on :class:`~flaxact._src.linen_base.FFNBase`; dropout and
   ``activations_in_float32`` are not supported by ``MoE``.
 
   Attributes:
