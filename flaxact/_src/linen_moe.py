@@ -209,7 +209,7 @@ class MoE(FFNBase):
       impl=self.impl,
       tile_size=self.tile_size,
       module_type=nn.Module,
-      hooked=self.dot_general is not None or self.dot_general_cls is not None,
+      hooked=self._hooked,
     )
     if self.out_features is not None:
       checks.check_positive_int(self.out_features, 'out_features', name)
@@ -243,6 +243,11 @@ class MoE(FFNBase):
     for name, value in zip(moe_layer.RECORDED, aux, strict=True):
       self.sow('intermediates', name, value)
     return y
+
+  @property
+  def _hooked(self) -> bool:
+    """Whether a ``dot_general``/``dot_general_cls`` hook is set."""
+    return self.dot_general is not None or self.dot_general_cls is not None
 
   def _experts(self, d: int, out: int):
     parts = (
@@ -317,7 +322,7 @@ class MoE(FFNBase):
       settings=moe_layer.routing_settings(self, router=router),
       score_correction_bias=bias,
       precision=self.precision,
-      hooked=self.dot_general is not None or self.dot_general_cls is not None,
+      hooked=self._hooked,
     )
     if self.shared_hidden_features is not None:
       y = moe_layer.add_shared(y, *self._shared(xc, out, dtype))

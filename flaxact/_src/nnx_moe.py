@@ -203,6 +203,7 @@ class MoE(FFNBase):
     remat: bool = True,
     rngs: nnx.Rngs,
   ):
+    self.hooked = dot_general is not None or dot_general_cls is not None
     router, impl = moe_layer.check_options(
       type(self).__name__,
       hidden_features=hidden_features,
@@ -219,7 +220,7 @@ class MoE(FFNBase):
       impl=impl,
       tile_size=tile_size,
       module_type=nnx.Module,
-      hooked=dot_general is not None or dot_general_cls is not None,
+      hooked=self.hooked,
     )
     self.init_options(
       in_features=in_features,
@@ -244,7 +245,6 @@ class MoE(FFNBase):
     self.groups_per_token = groups_per_token
     self.capacity_factor = capacity_factor
     self.impl = impl
-    self.hooked = dot_general is not None or dot_general_cls is not None
     self.tile_size = int(tile_size)
     self.precision = precision
     options = ProjectionOptions(
