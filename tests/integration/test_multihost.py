@@ -32,7 +32,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tests.test_examples import PNG_MAGIC, import_examples
+from tests.integration.test_examples import PNG_MAGIC, import_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 SCRIPT = os.path.join(ROOT, 'examples', 'multihost.py')
@@ -266,9 +266,6 @@ def test_train_step_lowers_for_tpu_and_gpu():
   with (
     jax.sharding.use_abstract_mesh(mesh),
     nnx.logical_axis_rules(lm.RULES),
-    # flaxact's expert-parallel _pack adds (ep, 1) + (n,) (rank promotion;
-    # reported, not fixed here: flaxact/ is being moved).
-    jax.numpy_rank_promotion('allow'),
   ):
     param_sh, batch_sh = lm.shardings(params, mesh)
     spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
