@@ -1,0 +1,96 @@
+"""Shows the options a layer inherits on the layer's own API page.
+
+The Linen and NNX layers keep their shared options (``use_bias``,
+``dtype``, ``remat``, ...) as fields of one base class per framework, whose
+docstring lists them once under ``Attributes:``. That base class is not
+public, so this hook appends its ``Attributes:`` entries to the
+``Attributes:`` section of each public subclass while the page is built
+(before napoleon reads the docstring); the source stays as it is.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def _sections(lines: list[str]) -> dict[str, tuple[int, int]]:
+  """``header -> (start, end)`` line ranges of the Google-style sections."""
+  starts = [
+    (i, line[:-1])
+    for i, line in enumerate(lines)
+    if line.endswith(':') and line[:1].isalpha() and ' ' not in line.strip()
+  ]
+  ranges = {}
+  for n, (i, name) in enumerate(starts):
+    end = starts[n + 1][0] if n + 1 < len(starts) else len(lines)
+    while end > i + 1 and not lines[end - 1].strip():
+      end -= 1
+    ranges[name] = (i, end)
+  return ranges
+
+
+def _public_objects() -> list[object]:
+  import flaxact.linen
+  import flaxact.nnx
+
+  return [
+    getattr(module, name)
+    for module in (flaxact.linen, flaxact.nnx)
+    for name in module.__all__
+  ]
+
+
+def _private_bases(cls) -> list[type]:
+  """Bases defined in flaxact that have no page of their own."""
+  public = _public_objects()
+  return [
+    base
+    for base in cls.__mro__[1:]
+    if base.__module__.startswith('flaxact.')
+    and not any(base is obj for obj in public)
+    and 'Attributes:' in (base.__doc__ or '')
+  ]
+
+
+def _entries(lines: list[str], start: int, end: int) -> list[list[str]]:
+  """The entries (first line and continuation lines) of a section."""
+  entries: list[list[str]] = []
+  for line in lines[start + 1 : end]:
+    if (line.startswith('  ') and not line.startswith('   ')) or not entries:
+      entries.append([line])
+    else:
+      entries[-1].append(line)
+  return entries
+
+
+def _name(entry: list[str]) -> str:
+  return entry[0].strip().split(':')[0].split(' ')[0]
+
+
+def _process(app, what, name, obj, options, lines) -> None:
+  if what != 'class' or not name.startswith('flaxact.'):
+    return
+  for base in _private_bases(obj):
+    base_lines = inspect.cleandoc(base.__doc__ or '').splitlines()
+    own = _sections(lines)
+    have = set()
+    if 'Attributes' in own:
+      have = {_name(e) for e in _entries(lines, *own['Attributes'])}
+    new = [
+      line
+      for entry in _entries(base_lines, *_sections(base_lines)['Attributes'])
+      if _name(entry) not in have
+      for line in entry
+    ]
+    if 'Attributes' in own:
+      at = own['Attributes'][1]
+      lines[at:at] = new
+    else:
+      lines += ['', 'Attributes:', *new]
+
+
+def setup(app):
+  """Connects the hook ahead of napoleon (priority 400 < 500)."""
+  app.setup_extension('sphinx.ext.autodoc')
+  app.connect('autodoc-process-docstring', _process, priority=400)
+  return {'parallel_read_safe': True, 'parallel_write_safe': True}
