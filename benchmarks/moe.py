@@ -122,7 +122,7 @@ def jax_cases(shape, a):
   import jax.numpy as jnp
 
   import flaxact
-  from flaxact._src import moe_core
+  from flaxact._src.moe import dispatch
 
   t, d, e, k, h = shape
   ks = jax.random.split(jax.random.key(0), 8)
@@ -152,10 +152,10 @@ def jax_cases(shape, a):
   def routing(x, rk):
     logits = x @ rk
     w, ex = flaxact.top_k_routing(logits, k)
-    layout = moe_core.make_layout(ex, e, a.tile_size or 128)
-    xr = moe_core._take(x, layout.row_assign // k)
-    wr = moe_core._take(w.reshape(-1), layout.row_assign)
-    y = moe_core._combine(xr * wr[:, None], layout.assign_row)
+    layout = dispatch.make_layout(ex, e, a.tile_size or 128)
+    xr = dispatch._take(x, layout.row_assign // k)
+    wr = dispatch._take(w.reshape(-1), layout.row_assign)
+    y = dispatch._combine(xr * wr[:, None], layout.assign_row)
     return jnp.sum(y * c)
 
   grad = lambda f, n: jax.jit(jax.grad(f, argnums=tuple(range(n))))

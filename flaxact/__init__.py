@@ -10,48 +10,52 @@ width rule. Flax layers live in :mod:`flaxact.linen` and :mod:`flaxact.nnx`.
 
 from importlib import metadata as _metadata
 
-from flaxact._src.exponential import celu as celu
-from flaxact._src.exponential import elu as elu
-from flaxact._src.exponential import selu as selu
-from flaxact._src.gated import bilinear as bilinear
-from flaxact._src.gated import geglu as geglu
-from flaxact._src.gated import geglu_tanh as geglu_tanh
-from flaxact._src.gated import glu as glu
-from flaxact._src.gated import reglu as reglu
-from flaxact._src.gated import swiglu as swiglu
-from flaxact._src.gated_product import gated_product as gated_product
-from flaxact._src.gelu import gelu as gelu
-from flaxact._src.gelu import gelu_tanh as gelu_tanh
-from flaxact._src.gpt_oss import gpt_oss_glu as gpt_oss_glu
-from flaxact._src.hf_extra import gelu_10 as gelu_10
-from flaxact._src.hf_extra import laplace as laplace
-from flaxact._src.hf_extra import sqrt_softplus as sqrt_softplus
-from flaxact._src.hidden import ffn_hidden_features as ffn_hidden_features
-from flaxact._src.moe import MoEAux as MoEAux
-from flaxact._src.moe import moe_ffn as moe_ffn
-from flaxact._src.piecewise import hard_sigmoid as hard_sigmoid
-from flaxact._src.piecewise import hard_silu as hard_silu
-from flaxact._src.piecewise import identity as identity
-from flaxact._src.piecewise import leaky_relu as leaky_relu
-from flaxact._src.piecewise import relu as relu
-from flaxact._src.piecewise import relu6 as relu6
-from flaxact._src.piecewise import relu_squared as relu_squared
-from flaxact._src.registry import ACTIVATIONS as ACTIVATIONS
-from flaxact._src.registry import get_activation as get_activation
-from flaxact._src.routing import load_balancing_loss as load_balancing_loss
-from flaxact._src.routing import router_z_loss as router_z_loss
-from flaxact._src.routing import top_k_routing as top_k_routing
-from flaxact._src.routing import (
+from flaxact._src.activations.exponential import celu as celu
+from flaxact._src.activations.exponential import elu as elu
+from flaxact._src.activations.exponential import selu as selu
+from flaxact._src.activations.gated import bilinear as bilinear
+from flaxact._src.activations.gated import geglu as geglu
+from flaxact._src.activations.gated import geglu_tanh as geglu_tanh
+from flaxact._src.activations.gated import glu as glu
+from flaxact._src.activations.gated import reglu as reglu
+from flaxact._src.activations.gated import swiglu as swiglu
+from flaxact._src.activations.gated_product import (
+  gated_product as gated_product,
+)
+from flaxact._src.activations.gelu import gelu as gelu
+from flaxact._src.activations.gelu import gelu_tanh as gelu_tanh
+from flaxact._src.activations.gpt_oss import gpt_oss_glu as gpt_oss_glu
+from flaxact._src.activations.hf_extra import gelu_10 as gelu_10
+from flaxact._src.activations.hf_extra import laplace as laplace
+from flaxact._src.activations.hf_extra import sqrt_softplus as sqrt_softplus
+from flaxact._src.activations.piecewise import hard_sigmoid as hard_sigmoid
+from flaxact._src.activations.piecewise import hard_silu as hard_silu
+from flaxact._src.activations.piecewise import identity as identity
+from flaxact._src.activations.piecewise import leaky_relu as leaky_relu
+from flaxact._src.activations.piecewise import relu as relu
+from flaxact._src.activations.piecewise import relu6 as relu6
+from flaxact._src.activations.piecewise import relu_squared as relu_squared
+from flaxact._src.activations.registry import ACTIVATIONS as ACTIVATIONS
+from flaxact._src.activations.registry import get_activation as get_activation
+from flaxact._src.activations.sigmoid import sigmoid as sigmoid
+from flaxact._src.activations.sigmoid import softplus as softplus
+from flaxact._src.activations.sigmoid import tanh as tanh
+from flaxact._src.activations.swish import mish as mish
+from flaxact._src.activations.swish import quick_gelu as quick_gelu
+from flaxact._src.activations.swish import silu as silu
+from flaxact._src.activations.swish import swish as swish
+from flaxact._src.activations.xielu import xielu as xielu
+from flaxact._src.layers.hidden import (
+  ffn_hidden_features as ffn_hidden_features,
+)
+from flaxact._src.moe.api import MoEAux as MoEAux
+from flaxact._src.moe.api import moe_ffn as moe_ffn
+from flaxact._src.moe.routers import load_balancing_loss as load_balancing_loss
+from flaxact._src.moe.routers import router_z_loss as router_z_loss
+from flaxact._src.moe.routers import top_k_routing as top_k_routing
+from flaxact._src.moe.routers import (
   update_score_correction_bias as update_score_correction_bias,
 )
-from flaxact._src.sigmoid import sigmoid as sigmoid
-from flaxact._src.sigmoid import softplus as softplus
-from flaxact._src.sigmoid import tanh as tanh
-from flaxact._src.swish import mish as mish
-from flaxact._src.swish import quick_gelu as quick_gelu
-from flaxact._src.swish import silu as silu
-from flaxact._src.swish import swish as swish
-from flaxact._src.xielu import xielu as xielu
 
 try:
   __version__ = _metadata.version('flaxact')

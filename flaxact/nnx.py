@@ -7,25 +7,27 @@ exact ``gelu`` and ``relu``. Layers are called as
 map the layers' parameter axis names onto a device mesh.
 """
 
-from flaxact._src.nnx_activations import PReLU as PReLU
-from flaxact._src.nnx_activations import Swish as Swish
-from flaxact._src.nnx_layers import FFN as FFN
-from flaxact._src.nnx_layers import GatedFFN as GatedFFN
-from flaxact._src.nnx_layers import GeGLU as GeGLU
-from flaxact._src.nnx_layers import ReGLU as ReGLU
-from flaxact._src.nnx_layers import SwiGLU as SwiGLU
-from flaxact._src.nnx_moe import MoE as MoE
-from flaxact._src.nnx_torch import from_torch as from_torch
-from flaxact._src.nnx_xielu import XIELU as XIELU
-from flaxact._src.remat import CHECKPOINT_NAMES as CHECKPOINT_NAMES
-from flaxact._src.sharding import (
+from flaxact._src.layers.remat import CHECKPOINT_NAMES as CHECKPOINT_NAMES
+from flaxact._src.layers.sharding import (
   EXPERT_PARALLEL_RULES as EXPERT_PARALLEL_RULES,
 )
-from flaxact._src.sharding import FSDP_RULES as FSDP_RULES
-from flaxact._src.sharding import (
+from flaxact._src.layers.sharding import FSDP_RULES as FSDP_RULES
+from flaxact._src.layers.sharding import (
   FSDP_TENSOR_PARALLEL_RULES as FSDP_TENSOR_PARALLEL_RULES,
 )
-from flaxact._src.sharding import TENSOR_PARALLEL_RULES as TENSOR_PARALLEL_RULES
+from flaxact._src.layers.sharding import (
+  TENSOR_PARALLEL_RULES as TENSOR_PARALLEL_RULES,
+)
+from flaxact._src.nnx.activations import PReLU as PReLU
+from flaxact._src.nnx.activations import Swish as Swish
+from flaxact._src.nnx.ffn import FFN as FFN
+from flaxact._src.nnx.from_torch import from_torch as from_torch
+from flaxact._src.nnx.gated import GatedFFN as GatedFFN
+from flaxact._src.nnx.moe import MoE as MoE
+from flaxact._src.nnx.presets import GeGLU as GeGLU
+from flaxact._src.nnx.presets import ReGLU as ReGLU
+from flaxact._src.nnx.presets import SwiGLU as SwiGLU
+from flaxact._src.nnx.xielu import XIELU as XIELU
 
 __all__ = [
   'CHECKPOINT_NAMES',

@@ -38,7 +38,7 @@ import pytest
 from flax import nnx
 
 import flaxact
-from flaxact._src.moe_route import GroupedImplUnderQuantizerWarning
+from flaxact._src.moe.routing_step import GroupedImplUnderQuantizerWarning
 from tests import quantization_helpers as qh
 
 #: Input width, expert hidden width, experts, experts per token, shared

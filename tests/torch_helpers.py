@@ -15,7 +15,7 @@ import pathlib
 import numpy as np
 from scipy import special
 
-from flaxact._src.torch_ffn import TorchFFN
+from flaxact._src.interop.torch.ffn import TorchFFN
 
 DATA = pathlib.Path(__file__).parent / 'data' / 'torch_reference.npz'
 

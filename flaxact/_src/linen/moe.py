@@ -1,0 +1,366 @@
+"""Flax Linen routed FFN: the mixture-of-experts layer ``MoE``.
+
+Parameters (``E`` experts, input width ``d``, expert hidden width ``h``;
+biases with ``router_use_bias`` / ``use_bias``)::
+
+  router              kernel (d, E)      ('embed', None); bias (E,)
+  gate_proj           kernel (E, d, h)   ('exp', 'embed', 'mlp'); bias (E, h)
+  up_proj             kernel (E, d, h)   ('exp', 'embed', 'mlp'); bias (E, h)
+  down_proj           kernel (E, h, out) ('exp', 'mlp', 'embed'); bias (E, out)
+  shared_expert       a GatedFFN (with shared_hidden_features)
+  shared_expert_gate  kernel (d, 1) (Qwen2-MoE, with shared_expert_gate)
+
+The sigmoid router's ``score_correction_bias`` ``(E,)`` float32 lives in the
+non-trainable ``'batch_stats'`` collection (updated by the caller with
+:func:`flaxact.update_score_correction_bias`, never by gradients).
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> import flax.linen as nn
+  >>> from flaxact import linen as fl
+  >>> layer = fl.MoE(32, num_experts=4, experts_per_token=2)
+  >>> x = jnp.ones((2, 5, 16))
+  >>> variables = layer.init(jax.random.key(0), x)
+  >>> jax.tree.map(jnp.shape, nn.unbox(variables))
+  {'params': {'down_proj': {'kernel': (4, 32, 16)},
+              'gate_proj': {'kernel': (4, 16, 32)},
+              'router': {'kernel': (16, 4)},
+              'up_proj': {'kernel': (4, 16, 32)}}}
+  >>> y, state = layer.apply(variables, x, mutable=['intermediates'])
+  >>> y.shape, sorted(state['intermediates'])
+  ((2, 5, 16), ['expert_load', 'load_balancing_loss', 'router_z_loss'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.typing import Dtype
+
+from flaxact._src.common import checks
+from flaxact._src.layers import ffn_body, moe_body, projection, sharding
+from flaxact._src.linen import experts
+from flaxact._src.linen.base import FFNBase, Projection, short_repr
+from flaxact._src.linen.gated import GatedFFN
+
+Array = jax.Array
+
+#: The Linen collection of the sigmoid router's ``score_correction_bias``.
+STATS = 'batch_stats'
+_UNUSED = (
+  'dropout_rate',
+  'dropout_broadcast_dims',
+  'deterministic',
+  'activations_in_float32',
+)
+
+
+class MoE(FFNBase):
+  r"""A routed FFN (mixture of experts): ``k`` of ``E`` expert FFNs per token.
+
+  .. math::
+    y = \sum_{e \in \mathrm{top}_k(x)} w_e(x)\,
+        \big(\mathrm{act}(x G_e) \odot x U_e\big) D_e
+        \;+\; \mathrm{shared}(x)
+
+  **Dropless by default**: every token reaches all ``k`` chosen experts
+  whatever the load; ``capacity_factor=c`` keeps at most
+  ``ceil(c * tokens * k / E)`` assignments per expert, dropping the overflow
+  in token order. The router computes in float32: ``'softmax'`` (Mixtral,
+  Qwen-MoE, OLMoE, GPT-OSS) or ``'sigmoid'`` (DeepSeek-V3, with the
+  non-trainable ``score_correction_bias`` in ``'batch_stats'`` and optional
+  group-limited routing); see :func:`flaxact.top_k_routing`. Ties go to the
+  lower expert index.
+
+  Each call records ``load_balancing_loss`` (on ``softmax(logits)`` whatever
+  the router), ``router_z_loss`` and ``expert_load`` (``(E,)`` int32 tokens
+  routed to each expert) with ``self.sow('intermediates', ...)``; read them
+  with ``apply(..., mutable=['intermediates'])`` and add the losses to the
+  training loss yourself: they are never added to the output.
+
+  The router, ``shared_expert`` and ``shared_expert_gate`` are ordinary
+  projections: ``dot_general``/``dot_general_cls`` hooks and Qwix
+  (``promote_dtype``, ``jax.lax.dot_general``) reach them as in
+  :class:`GatedFFN`. The experts reach them through ``impl='dense'``: each
+  of ``gate_proj``, ``up_proj`` and ``down_proj`` runs one ``dot_general``
+  (or the hook; ``dot_general_cls`` makes one instance per projection) over
+  its whole stacked kernel, every expert on every token, as a hand-written
+  MoE does, so Qwix QAT/PTQ/LoRA and AQT quantize the experts per expert and
+  output channel. ``impl='auto'`` picks it by itself under a ``dot_general``
+  hook or while ``jax.lax.dot_general`` is intercepted (Qwix); dropless it
+  costs ``E / k`` times the experts' FLOPs of the grouped impls (with
+  ``capacity_factor=c`` each expert computes its capacity slots only: about
+  ``c`` times).
+
+  With ``remat=True`` the backward pass keeps two ``(T·k, hidden)`` arrays
+  (the experts' gate and up pre-activations, ``'moe_gate'``/``'moe_up'``;
+  ``(E, rows, hidden)`` with ``'dense'``) plus the shared expert's two. Under
+  a mesh whose logical axis rules map ``'exp'`` to a mesh axis
+  (:data:`EXPERT_PARALLEL_RULES`), the grouped impls run expert-parallel
+  (``'dense'`` leaves the partitioning to ``jit``): tokens move to the
+  experts' devices with all-to-all and no expert kernel is gathered. The
+  shared options (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
+  initialisers, ``dot_general``, ``dot_general_cls``, ``remat``) are
+  documented on :class:`~flaxact._src.linen.base.FFNBase`; dropout and
+  ``activations_in_float32`` are not supported by ``MoE``.
+
+  Attributes:
+    hidden_features: each expert's hidden width (``'mlp'``).
+    num_experts: ``E``, the number of routed experts (``'exp'``).
+    experts_per_token: ``k``, in ``[1, E]``.
+    out_features: the output width; ``None`` (default) uses the input's.
+    activation: the gate's element-wise activation (registry name or
+      function): ``act(gate) * up``.
+    gated_product: a ``(gate, up) -> hidden`` function replacing it, e.g.
+      ``functools.partial(flaxact.gpt_oss_glu, alpha=1.702, limit=7.0)``.
+    router: ``'softmax'`` or ``'sigmoid'``.
+    normalize_weights: renormalise the ``k`` weights to sum to 1.
+    routed_scaling_factor: multiplies the routing weights (DeepSeek-V3).
+    num_groups: sigmoid router: experts form this many equal groups.
+    groups_per_token: sigmoid router: groups kept per token.
+    router_use_bias: a router bias (GPT-OSS).
+    shared_hidden_features: hidden width of an always-on shared expert
+      (``shared_expert``, a :class:`GatedFFN`); ``None``: none.
+    shared_expert_gate: Qwen2-MoE's ``sigmoid(x @ w)`` gate on the shared
+      expert.
+    capacity_factor: ``None`` (dropless) or a positive number.
+    impl: the experts' matmul: ``'loop'``, ``'tiles'`` or ``'ragged'``
+      (grouped, fused under a custom VJP), or ``'dense'`` (plain
+      ``dot_general`` per projection, what quantizers reach); all give the
+      same result. ``'auto'``: ``'dense'`` with a ``dot_general`` hook or
+      under Qwix, else ``'loop'`` on CPU and ``'ragged'`` on GPU/TPU. A
+      grouped impl with a ``dot_general`` hook is an error; under Qwix it
+      warns that the experts stay float.
+    tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
+
+  Examples:
+    >>> import functools, jax, jax.numpy as jnp, flaxact
+    >>> from flaxact import linen as fl
+    >>> layer = fl.MoE(64, num_experts=8, experts_per_token=2,
+    ...                router='sigmoid', shared_hidden_features=64)
+    >>> x = jnp.ones((4, 16), jnp.bfloat16)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> variables['batch_stats']['score_correction_bias'].shape
+    (8,)
+    >>> layer.apply(variables, x).dtype
+    dtype(bfloat16)
+
+  Raises:
+    ValueError: for ``experts_per_token`` outside ``[1, num_experts]``, an
+      unknown router or impl, a grouped impl with a ``dot_general`` hook,
+      groups not dividing the experts,
+      ``capacity_factor <= 0``, dropout options, or (at the call) an input
+      of another width than the layer was initialised with.
+    TypeError: for integer input or a learnable activation module.
+
+  References:
+    Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated
+    Mixture-of-Experts Layer", 2017; Jiang et al., "Mixtral of Experts",
+    2024; DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024.
+  """
+
+  hidden_features: int
+  num_experts: int
+  experts_per_token: int
+  _: dataclasses.KW_ONLY
+  out_features: int | None = None
+  activation: str | Callable[..., Any] = 'silu'
+  gated_product: Callable[[Array, Array], Array] | None = None
+  router: str = 'softmax'
+  normalize_weights: bool = True
+  routed_scaling_factor: float = 1.0
+  num_groups: int | None = None
+  groups_per_token: int | None = None
+  router_use_bias: bool = False
+  shared_hidden_features: int | None = None
+  shared_expert_gate: bool = False
+  capacity_factor: float | None = None
+  impl: str = 'auto'
+  tile_size: int = 128
+
+  input_projections: ClassVar[tuple[str, ...]] = ('router',)
+
+  def __post_init__(self):
+    name = type(self).__name__
+    moe_body.check_options(
+      name,
+      hidden_features=self.hidden_features,
+      num_experts=self.num_experts,
+      experts_per_token=self.experts_per_token,
+      activation=self.activation,
+      gated_product=self.gated_product,
+      router=self.router,
+      num_groups=self.num_groups,
+      groups_per_token=self.groups_per_token,
+      shared_hidden_features=self.shared_hidden_features,
+      shared_expert_gate=self.shared_expert_gate,
+      capacity_factor=self.capacity_factor,
+      impl=self.impl,
+      tile_size=self.tile_size,
+      module_type=nn.Module,
+      hooked=self._hooked,
+    )
+    if self.out_features is not None:
+      checks.check_positive_int(self.out_features, 'out_features', name)
+    if self.dropout_rate != 0 or self.activations_in_float32:
+      raise ValueError(
+        f'{name} supports neither dropout nor activations_in_float32; got'
+        f' dropout_rate={self.dropout_rate},'
+        f' activations_in_float32={self.activations_in_float32}.'
+      )
+    super().__post_init__()
+
+  def __call__(self, x: Array) -> Array:
+    """Applies the layer and records its auxiliary outputs.
+
+    Args:
+      x: input of shape ``(..., in_features)``, floating dtype.
+
+    Returns:
+      An array of shape ``(..., out_features)`` in ``dtype`` (by default the
+      input's dtype).
+
+    Raises:
+      TypeError: if ``x`` is not floating point.
+      ValueError: if the last axis of ``x`` is not the width the layer was
+        initialised with.
+    """
+    x = self.check_input(x)
+    forward = cast(Callable[..., Array], MoE._forward)
+    out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
+    y, aux = cast(tuple[Array, moe_body.Aux], out)
+    for name, value in zip(moe_body.RECORDED, aux, strict=True):
+      self.sow('intermediates', name, value)
+    return y
+
+  @property
+  def _hooked(self) -> bool:
+    """Whether a ``dot_general``/``dot_general_cls`` hook is set."""
+    return self.dot_general is not None or self.dot_general_cls is not None
+
+  def _experts(self, d: int, out: int):
+    parts = (
+      ('gate_proj', d, self.hidden_features, sharding.EXPERT_IN_PROJ_AXES),
+      ('up_proj', d, self.hidden_features, sharding.EXPERT_IN_PROJ_AXES),
+      ('down_proj', self.hidden_features, out, sharding.EXPERT_OUT_PROJ_AXES),
+    )
+    return [
+      experts.ExpertProjection(
+        num_experts=self.num_experts,
+        in_features=n_in,
+        features=n_out,
+        axes=axes,
+        use_bias=self.use_bias,
+        param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        bias_init=self.bias_init,
+        precision=self.precision,
+        dot_general=self.dot_general,
+        dot_general_cls=self.dot_general_cls,
+        name=name,
+      )
+      for name, n_in, n_out, axes in parts
+    ]
+
+  def _projection(
+    self, name: str, features: int, *, use_bias: bool, dtype: Dtype
+  ):
+    """A ``(d, features)`` projection with the router's axis names."""
+    return Projection(
+      features=(features,),
+      kernel_axes=sharding.ROUTER_PROJ_AXES[0],
+      bias_axes=sharding.ROUTER_PROJ_AXES[1],
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=self.param_dtype,
+      precision=self.precision,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+      dot_general=self.dot_general,
+      dot_general_cls=self.dot_general_cls,
+      name=name,
+    )
+
+  @nn.compact
+  def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:
+    del key  # no dropout
+    dtype = projection.layer_dtype(x, self.dtype)
+    out = self.out_features or x.shape[-1]
+    logits = self._projection(
+      'router',
+      self.num_experts,
+      use_bias=self.router_use_bias,
+      dtype=jnp.promote_types(x.dtype, jnp.float32),
+    )(x)
+    router = moe_body.router_name(self.router)
+    bias = None
+    if router == 'sigmoid':
+      bias = self.variable(
+        STATS,
+        'score_correction_bias',
+        jnp.zeros,
+        (self.num_experts,),
+        jnp.float32,
+      ).value
+    experts = self._experts(x.shape[-1], out)
+    xc = x.astype(dtype)
+    y, aux = moe_body.routed(
+      xc,
+      logits,
+      experts,
+      settings=moe_body.routing_settings(self, router=router),
+      score_correction_bias=bias,
+      precision=self.precision,
+      hooked=self._hooked,
+    )
+    if self.shared_hidden_features is not None:
+      y = moe_body.add_shared(y, *self._shared(xc, out, dtype))
+    return y, aux
+
+  def _shared(self, x: Array, out: int, dtype: Dtype):
+    shared = GatedFFN(
+      cast(int, self.shared_hidden_features),
+      out,
+      activation=self.activation,
+      dtype=dtype,
+      param_dtype=self.param_dtype,
+      precision=self.precision,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+      dot_general=self.dot_general,
+      dot_general_cls=self.dot_general_cls,
+      remat=False,
+      name='shared_expert',
+    )(x)
+    gate = None
+    if self.shared_expert_gate:
+      gate = self._projection(
+        'shared_expert_gate', 1, use_bias=False, dtype=dtype
+      )(x)
+    return shared, gate
+
+  def __repr__(self) -> str:
+    """The constructor arguments, without the dense-only options."""
+    fields = [
+      f
+      for f in dataclasses.fields(self)
+      if f.init and f.name not in ('parent', 'name', '_', *_UNUSED)
+    ]
+    base = {f.name for f in dataclasses.fields(FFNBase)}
+    fields.sort(
+      key=lambda f: (bool(f.kw_only), f.name != 'activation', f.name in base)
+    )
+    parts = []
+    for f in fields:
+      value = getattr(self, f.name)
+      if f.name == 'activation':
+        text = ffn_body.activation_name(value)
+      else:
+        text = short_repr(value)
+      parts.append(f'{f.name}={text}')
+    return f'{type(self).__name__}({", ".join(parts)})'

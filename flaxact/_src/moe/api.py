@@ -1,0 +1,286 @@
+"""The routed FFN (mixture of experts) as one function of plain arrays.
+
+:func:`moe_ffn` is the body the Linen and NNX ``MoE`` layers call: router,
+top-k routing, the dispatch into groups sorted by expert, the gated expert
+FFNs and the weighted combine, plus the auxiliary outputs a layer records.
+
+Checkpoint names: the experts' gate and up pre-activations are tagged
+``'moe_gate'`` and ``'moe_up'``; :data:`MOE_REMAT_POLICY`
+(``jax.checkpoint_policies.save_only_these_names('moe_gate', 'moe_up')``)
+saves just those.
+The function's own backward pass already keeps only them (and ``x`` and the
+integer routing metadata), so remat is needed only to drop the router's
+small ``(T, E)`` intermediates.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxact._src.activations.gated_product import (
+  gated_product as _gated_product,
+)
+from flaxact._src.moe import dispatch
+from flaxact._src.moe.dispatch import MOE_REMAT_POLICY as MOE_REMAT_POLICY
+from flaxact._src.moe.experts import dense
+from flaxact._src.moe.experts.parallel import expert_parallel_ffn
+from flaxact._src.moe.routing_step import DEFAULT_TILE, resolve_impl, route
+from flaxact._src.moe.routing_step import MoEAux as MoEAux
+
+Array = jax.Array
+
+
+def _check_shapes(x, router_kernel, kernels, biases):
+  d = x.shape[-1]
+  e = router_kernel.shape[-1]
+  gate, up, down = kernels
+  h = gate.shape[-1]
+  want = {
+    'router_kernel': ((d, e), router_kernel.shape),
+    'gate_kernel': ((e, d, h), gate.shape),
+    'up_kernel': ((e, d, h), up.shape),
+    'down_kernel': ((e, h, down.shape[-1]), down.shape),
+  }
+  for name, b, shape in zip(
+    ('gate_bias', 'up_bias', 'down_bias'),
+    biases,
+    ((e, h), (e, h), None),
+    strict=True,
+  ):
+    if b is not None:
+      want[name] = (shape or (e, down.shape[-1]), b.shape)
+  for name, (expected, given) in want.items():
+    if tuple(expected) != tuple(given):
+      raise ValueError(
+        f'moe_ffn: {name} must have shape {tuple(expected)} for x of width'
+        f' {d} and {e} experts; got {tuple(given)}.'
+      )
+
+
+def _as_input(x):
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    name = np.dtype(dtype).name if dtype is not None else type(x).__name__
+    raise TypeError(
+      'moe_ffn: expected a floating-point input x of shape (..., d)'
+      f' (float32, bfloat16, float16 or float64); got {name}.'
+    )
+  if x.ndim < 1:
+    raise ValueError('moe_ffn: x must have shape (..., d); got a scalar.')
+  return jnp.asarray(x)
+
+
+def expert_product(
+  activation: str | Callable[[Array], Array],
+  gated_product: Callable[[Array, Array], Array] | None,
+) -> Callable[[Array, Array], Array]:
+  """``gated_product``, or ``activation(gate) * up`` when it is ``None``."""
+  if gated_product is None:
+    return functools.partial(_gated_product, activation=activation)
+  return gated_product
+
+
+def moe_ffn(
+  x: Any,
+  router_kernel: Any,
+  gate_kernel: Any,
+  up_kernel: Any,
+  down_kernel: Any,
+  *,
+  experts_per_token: int,
+  router_bias: Any = None,
+  gate_bias: Any = None,
+  up_bias: Any = None,
+  down_bias: Any = None,
+  router: str = 'softmax',
+  normalize_weights: bool = True,
+  score_correction_bias: Any = None,
+  routed_scaling_factor: float = 1.0,
+  num_groups: int | None = None,
+  groups_per_token: int | None = None,
+  activation: str | Callable[[Array], Array] = 'silu',
+  gated_product: Callable[[Array, Array], Array] | None = None,
+  capacity_factor: float | None = None,
+  impl: str = 'auto',
+  tile_size: int = DEFAULT_TILE,
+  precision: Any = None,
+  dot_general: Callable[..., Array] | None = None,
+  router_logits: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  expert_axis: str = 'expert',
+) -> tuple[Array, MoEAux]:
+  r"""A routed (mixture-of-experts) gated FFN of plain arrays.
+
+  .. math::
+    y_t = \sum_{j \le k} w_{tj}\, \big(\mathrm{act}(x_t G_{e_{tj}}) \odot
+    x_t U_{e_{tj}}\big) D_{e_{tj}}
+
+  The router (``x @ router_kernel + router_bias``, float32) and
+  :func:`top_k_routing` choose ``k`` experts per token; tokens are sorted
+  by expert once and the expert FFNs run as grouped matmuls (``impl``).
+  **Dropless by default**; ``capacity_factor=c`` keeps at most
+  ``ceil(c * T * k / E)`` assignments per expert, dropping the overflow in
+  token order (``aux.dropped``). Gradients reach the router through the
+  weights. The backward pass keeps two ``(rows, hidden)`` arrays, tagged
+  ``'moe_gate'`` and ``'moe_up'``.
+
+  Args:
+    x: tokens, ``(..., d)``, floating dtype; the experts compute in it.
+    router_kernel: ``(d, E)``.
+    gate_kernel: ``(E, d, h)``.
+    up_kernel: ``(E, d, h)``.
+    down_kernel: ``(E, h, d_out)``.
+    experts_per_token: ``k``, in ``[1, E]``.
+    router_bias: ``(E,)`` or ``None`` (GPT-OSS).
+    gate_bias: ``(E, h)`` or ``None``; likewise ``up_bias``.
+    up_bias: ``(E, h)`` or ``None``.
+    down_bias: ``(E, d_out)`` or ``None``.
+    router: ``'softmax'`` or ``'sigmoid'`` (see :func:`top_k_routing`, which
+      also explains ``normalize_weights``, ``score_correction_bias``,
+      ``routed_scaling_factor``, ``num_groups`` and ``groups_per_token``).
+    normalize_weights: see :func:`top_k_routing`.
+    score_correction_bias: see :func:`top_k_routing`.
+    routed_scaling_factor: see :func:`top_k_routing`.
+    num_groups: see :func:`top_k_routing`.
+    groups_per_token: see :func:`top_k_routing`.
+    activation: the gate's activation (name or callable) for
+      ``activation(gate) * up``.
+    gated_product: ``(gate, up) -> hidden`` replacing it (e.g.
+      :func:`gpt_oss_glu`).
+    capacity_factor: ``None`` (dropless) or a positive number.
+    impl: ``'loop'``, ``'tiles'`` or ``'ragged'`` (grouped matmuls), or
+      ``'dense'`` (every expert on every token, or on its capacity slots,
+      one ``dot_general`` per projection, ``E / k`` times the FLOPs
+      dropless: what quantizers can reach; see
+      :mod:`flaxact._src.moe.experts.dense`); all give the same result.
+      ``'auto'``: ``'dense'`` with a ``dot_general`` hook or while
+      ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'`` on CPU
+      and ``'ragged'`` on GPU/TPU.
+    tile_size: rows per tile of ``'loop'`` and ``'tiles'``.
+    precision: matmul precision.
+    dot_general: replaces :func:`jax.lax.dot_general` in the router and the
+      experts (``'dense'``; a grouped ``impl`` with it is an error).
+    router_logits: ``(..., E)`` logits computed by the caller (the layers'
+      ``router`` projection, which quantization libraries can intercept);
+      when given, ``router_kernel`` only fixes the shapes and ``router_bias``
+      and ``dot_general`` are unused.
+    mesh: with a mesh, the grouped impls run expert-parallel: kernels split
+      along their experts axis over ``expert_axis``, tokens over every mesh
+      axis, exchanged with ``all_to_all`` (see
+      :func:`flaxact._src.moe.experts.parallel.expert_parallel_ffn`). ``None``:
+      one device (or whatever sharding ``jit`` propagates; ``'dense'``
+      always leaves the sharding to ``jit``).
+    expert_axis: the mesh axis of the experts.
+
+  Returns:
+    ``(y, aux)``: ``y`` of shape ``(..., d_out)`` in the dtype of ``x``, and
+    the :class:`MoEAux`.
+
+  Raises:
+    ValueError: for ``k`` outside ``[1, E]``, an unknown router or impl,
+      groups not dividing the experts, ``capacity_factor <= 0`` or
+      mismatched shapes.
+    TypeError: for integer input.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flaxact
+    >>> ks = jax.random.split(jax.random.key(0), 4)
+    >>> x = jax.random.normal(ks[0], (6, 8))
+    >>> moe = jax.jit(flaxact.moe_ffn, static_argnames='experts_per_token')
+    >>> y, aux = moe(
+    ...     x, jax.random.normal(ks[1], (8, 4)),
+    ...     jax.random.normal(ks[2], (4, 8, 16)),
+    ...     jax.random.normal(ks[3], (4, 8, 16)),
+    ...     jax.random.normal(ks[3], (4, 16, 8)), experts_per_token=2)
+    >>> y.shape, aux.expert_load.sum()
+    ((6, 8), Array(12, dtype=int32))
+  """
+  x = _as_input(x)
+  kernels = tuple(jnp.asarray(a) for a in (gate_kernel, up_kernel, down_kernel))
+  biases = tuple(
+    None if b is None else jnp.asarray(b)
+    for b in (gate_bias, up_bias, down_bias)
+  )
+  if router_logits is None:
+    router_kernel = jnp.asarray(router_kernel)
+  _check_shapes(x, router_kernel, kernels, biases)
+  impl = resolve_impl(impl, hooked=dot_general is not None)
+  lead, d = x.shape[:-1], x.shape[-1]
+  tokens = x.reshape(-1, d)
+  dot = jax.lax.dot_general if dot_general is None else dot_general
+  f32 = jnp.promote_types(x.dtype, jnp.float32)
+  if router_logits is not None:
+    logits = jnp.asarray(router_logits).reshape(tokens.shape[0], -1)
+    logits = logits.astype(f32)
+  else:
+    logits = dot(
+      tokens.astype(f32),
+      router_kernel.astype(f32),
+      (((1,), (0,)), ((), ())),
+      precision=precision,
+    )
+    if router_bias is not None:
+      logits = logits + jnp.asarray(router_bias).astype(f32)[None]
+  r = route(
+    logits,
+    experts_per_token,
+    router=router,
+    normalize_weights=normalize_weights,
+    score_correction_bias=score_correction_bias,
+    routed_scaling_factor=routed_scaling_factor,
+    num_groups=num_groups,
+    groups_per_token=groups_per_token,
+    capacity_factor=capacity_factor,
+    impl=impl,
+    tile_size=tile_size,
+    mesh=None if impl == 'dense' else mesh,
+  )
+  prod = expert_product(activation, gated_product)
+  cast = lambda a: None if a is None else a.astype(x.dtype)
+  kernels: Any = tuple(map(cast, kernels))
+  biases: Any = tuple(map(cast, biases))
+  if impl == 'dense':
+    gate, up, down = (
+      functools.partial(
+        dense.project,
+        kernel=kernel,
+        bias=bias,
+        precision=precision,
+        dot_general=dot_general,
+      )
+      for kernel, bias in zip(kernels, biases, strict=True)
+    )
+    y = r.dense_ffn(tokens, (gate, up, down), prod)
+  elif mesh is None:
+    assert r.layout is not None
+    y = dispatch.experts_ffn(
+      tokens,
+      r.kept_weights,
+      r.layout,
+      kernels,
+      biases,
+      impl=impl,
+      gated_product=prod,
+      precision=precision,
+    )
+  else:
+    y = expert_parallel_ffn(
+      tokens,
+      r.kept_weights,
+      r.experts,
+      kernels,
+      biases,
+      mesh=mesh,
+      expert_axis=expert_axis,
+      impl=impl,
+      gated_product=prod,
+      precision=precision,
+      tile_size=tile_size,
+    )
+  return y.reshape(*lead, -1), r.aux(lead)

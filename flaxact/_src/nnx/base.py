@@ -1,0 +1,344 @@
+"""The NNX layer base: projection, shared options, dropout, remat, repr.
+
+:class:`Projection` is the Linear-like sub-layer of every flaxact NNX layer
+(``gate_proj``, ``up_proj``, the fused ``gate_up_proj``, ``down_proj``);
+:class:`ProjectionOptions` is the typed set of options it is built from.
+:class:`FFNBase` keeps the options every FFN-like layer family shares and
+the calls built on them: the dropout key, the remat wrapper (``nnx.remat``,
+so state that a quantization library creates or updates inside the layer —
+Qwix's quantized weights, statistics, LoRA rng counts — crosses the remat
+boundary correctly), the dtype rule and a readable ``repr``. A new layer
+family subclasses it, calls :meth:`FFNBase.init_options` in its
+``__init__`` and :meth:`FFNBase.run` in its ``__call__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.nnx import reprlib
+from flax.nnx.nn import dtypes as nnx_dtypes
+from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
+
+from flaxact._src.common import checks
+from flaxact._src.layers import ffn_body, projection
+
+Array = jax.Array
+
+#: Default kernel initialiser, as ``nnx.Linear``: LeCun normal (variance
+#: scaling 1/fan_in, truncated normal).
+default_kernel_init = nnx.initializers.lecun_normal()
+#: Default bias initialiser: zeros.
+default_bias_init = nnx.initializers.zeros_init()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionOptions:
+  """The options a layer passes to each of its projections.
+
+  Attributes:
+    use_bias: whether to add a bias.
+    param_dtype: the dtype of the parameters.
+    precision: matmul precision.
+    kernel_init: kernel initialiser (for a fused kernel it is applied per
+      half, with the unfused shape).
+    bias_init: bias initialiser.
+    dot_general: a :func:`jax.lax.dot_general` replacement or ``None``.
+    dot_general_cls: a class whose instance replaces ``dot_general``, one
+      instance per projection.
+  """
+
+  use_bias: bool
+  param_dtype: Dtype
+  precision: PrecisionLike
+  kernel_init: Initializer
+  bias_init: Initializer
+  dot_general: DotGeneralT | None
+  dot_general_cls: projection.DotGeneralCls | None
+
+
+def make_param(init, key, shape, dtype, axes) -> nnx.Param:
+  """An ``nnx.Param`` from ``init`` with logical axis names ``axes``."""
+  # Shard eagerly only under a mesh (jax.set_mesh), so the layers also work,
+  # unsharded, where no mesh is set.
+  eager = nnx.using_eager_sharding() and not (
+    jax.sharding.get_abstract_mesh().empty
+  )
+  return nnx.Param(
+    init(key, shape, dtype), out_sharding=axes, eager_sharding=eager
+  )
+
+
+class Projection(nnx.Module):
+  """A Linear-like projection over the last axis with logical axis names.
+
+  Holds ``kernel`` of shape ``(in_features, *features)`` and ``bias`` of
+  shape ``features`` (or ``None``). Inputs and parameters go through
+  ``flax.nnx.nn.dtypes.promote_dtype`` as in ``nnx.Linear`` (Qwix intercepts
+  it to hand quantized weights through).
+
+  Args:
+    in_features: the input width.
+    features: the output shape: ``(out,)`` or the fused ``(2, out)``.
+    axes: logical axis names ``(kernel axes, bias axes)``.
+    options: the projection options.
+    rngs: the ``params`` stream initialises the kernel.
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    features: tuple[int, ...],
+    *,
+    axes: tuple[tuple[Any, ...], tuple[Any, ...]],
+    options: ProjectionOptions,
+    rngs: nnx.Rngs,
+  ):
+    init = options.kernel_init
+    if len(features) == 2:
+      init = projection.fused_kernel_init(init)
+    self.precision = options.precision
+    dot_general = options.dot_general
+    if options.dot_general_cls is not None:
+      dot_general = options.dot_general_cls()
+    self.dot_general = dot_general
+    self.kernel = make_param(
+      init,
+      rngs.params(),
+      (in_features, *features),
+      options.param_dtype,
+      axes[0],
+    )
+    self.bias: nnx.Param | None
+    if options.use_bias:
+      self.bias = make_param(
+        options.bias_init, rngs.params(), features, options.param_dtype, axes[1]
+      )
+    else:
+      self.bias = nnx.data(None)
+
+  def __call__(
+    self,
+    x: Array,
+    *,
+    dtype: Dtype | None = None,
+    preferred_element_type: Dtype | None = None,
+  ) -> Array:
+    """Returns ``x @ kernel + bias``, shape ``(..., *features)``.
+
+    Args:
+      x: input, shape ``(..., in_features)``.
+      dtype: the compute dtype; ``None`` uses the input's.
+      preferred_element_type: the matmul output dtype, or ``None``.
+    """
+    dtype = projection.layer_dtype(x, dtype)
+    kernel = self.kernel[...]
+    bias = None if self.bias is None else self.bias[...]
+    x, kernel, bias = nnx_dtypes.promote_dtype((x, kernel, bias), dtype=dtype)
+    return projection.project(
+      x,
+      kernel,
+      bias,
+      precision=self.precision,
+      dot_general=self.dot_general,
+      preferred_element_type=preferred_element_type,
+    )
+
+
+def _state_writable(module: nnx.Module) -> bool:
+  """Whether ``module``'s variables can be updated at the current trace."""
+  for _, node in nnx.iter_graph(module):
+    if isinstance(node, nnx.Variable):
+      return bool(getattr(node, '_can_update', True))
+  return True
+
+
+_DROPOUT_ATTRS = ('dropout_broadcast_dims', 'deterministic', 'rngs')
+
+
+class FFNBase(nnx.Module):
+  """Options, dropout, remat and ``repr`` shared by the NNX layers.
+
+  The keyword arguments every flaxact NNX FFN layer takes:
+
+  Args:
+    activation: the element-wise activation: a registry name (see
+      :func:`flaxact.get_activation`), a function, or a learnable activation
+      module (:class:`PReLU`, :class:`Swish`), which then becomes this
+      layer's ``activation`` attribute with its parameters.
+    use_bias: add biases to the projections.
+    dropout_rate: dropout rate on the hidden activation (before
+      ``down_proj``).
+    dropout_broadcast_dims: dimensions of the hidden activation over which
+      one dropout mask is shared (as ``nnx.Dropout``'s ``broadcast_dims``).
+    deterministic: the default of the call's ``deterministic``; ``False``
+      (as ``nnx.Dropout``) applies dropout. ``layer.eval()`` sets it to
+      ``True``.
+    dtype: the compute dtype; ``None`` (default) uses the input's dtype, so
+      the output has the input's dtype.
+    param_dtype: the dtype of the parameters (default float32).
+    precision: matmul precision, passed to ``dot_general``.
+    kernel_init: kernel initialiser; default LeCun normal, as
+      ``nnx.Linear``.
+    bias_init: bias initialiser; default zeros.
+    dot_general: replaces :func:`jax.lax.dot_general` in every projection
+      (e.g. a fake-quantizing function or AQT's functional
+      ``aqt_dot_general.make_dot_general(cfg)``). Qwix needs no hook: it
+      intercepts ``jax.lax.dot_general`` and ``promote_dtype`` itself.
+    dot_general_cls: a class (or factory) whose instances replace
+      ``dot_general``, one instance per projection, kept as the
+      projection's ``dot_general`` attribute (an ``nnx.Module`` instance
+      keeps its own state).
+    activations_in_float32: for half-precision ``dtype``, the hidden-sized
+      projections return float32 and the element-wise part (activation,
+      product, dropout) runs in float32; the hidden activation is rounded
+      to ``dtype`` once, for ``down_proj``. The saved pre-activations are
+      then float32 (twice the memory). Holds under any ``dot_general``: the
+      projection's output is cast to float32 when a hook ignores
+      ``preferred_element_type``.
+    remat: memory-lean backward: run the body under ``nnx.remat`` with a
+      policy that saves only the pre-activations (``'ffn_gate'``,
+      ``'ffn_up'``) and recomputes the element-wise part in the backward
+      pass. No matmul is recomputed. ``False`` gives plain autodiff (the
+      checkpoint names stay, for policies of the caller's own).
+    rngs: ``params`` initialises the weights; ``dropout`` (or ``default``)
+      is kept for dropout when ``dropout_rate > 0``.
+  """
+
+  def init_options(
+    self,
+    *,
+    in_features: int,
+    hidden_features: int,
+    out_features: int | None,
+    activation: str | Callable[..., Any],
+    dropout_rate: float,
+    dropout_broadcast_dims: Sequence[int],
+    deterministic: bool,
+    dtype: Dtype | None,
+    activations_in_float32: bool,
+    remat: bool,
+    rngs: nnx.Rngs,
+  ) -> None:
+    """Checks and stores the shared options as attributes.
+
+    Raises:
+      ValueError: for a width that is not a positive integer, an unknown
+        activation name or a dropout rate outside ``[0, 1]``.
+      TypeError: for an activation that is neither a name nor a callable.
+    """
+    name = type(self).__name__
+    self.in_features = checks.check_positive_int(
+      in_features, 'in_features', name
+    )
+    self.hidden_features = checks.check_positive_int(
+      hidden_features, 'hidden_features', name
+    )
+    if out_features is None:
+      out_features = in_features
+    self.out_features = checks.check_positive_int(
+      out_features, 'out_features', name
+    )
+    fn = ffn_body.resolve_activation(activation, name)
+    self.activation = activation if isinstance(activation, nnx.Module) else fn
+    self.dropout_rate, self.dropout_broadcast_dims = checks.check_dropout(
+      dropout_rate, dropout_broadcast_dims, name
+    )
+    self.deterministic = deterministic
+    self.dtype = dtype
+    self.activations_in_float32 = activations_in_float32
+    self.remat = remat
+    stream = None
+    if self.dropout_rate > 0:
+      try:
+        stream = rngs['dropout'].fork()
+      except KeyError:
+        stream = None
+    self.rngs = nnx.data(stream)
+
+  def dtypes(self, x: Array) -> tuple[np.dtype, np.dtype | None]:
+    """``(compute dtype, hidden projections' matmul output dtype)``."""
+    dtype = projection.layer_dtype(x, self.dtype)
+    return dtype, projection.hidden_projection_dtype(
+      dtype, self.activations_in_float32
+    )
+
+  def dropout_key(self, deterministic: bool | None, rngs: Any) -> Array | None:
+    """The dropout key for this call, or ``None`` when no dropout applies.
+
+    Raises:
+      ValueError: for dropout in training mode without an rng.
+    """
+    if self.dropout_rate == 0.0:
+      return None
+    if deterministic is None:
+      deterministic = self.deterministic
+    if deterministic:
+      return None
+    given = rngs
+    if rngs is None:
+      rngs = self.rngs
+    if isinstance(rngs, nnx.Rngs):
+      try:
+        rngs = rngs['dropout']
+      except KeyError:
+        rngs = None
+    if isinstance(rngs, nnx.RngStream):
+      return rngs()
+    if isinstance(rngs, jax.Array):
+      return rngs
+    if given is None:
+      got = 'no rngs at the call and no dropout stream kept from construction'
+    elif isinstance(given, nnx.Rngs):
+      got = f"an nnx.Rngs without a 'dropout' or 'default' stream: {given!r}"
+    else:
+      got = f'{type(given).__name__} {given!r}'
+    raise ValueError(
+      f'{type(self).__name__}: dropout in training mode (deterministic=False,'
+      f' dropout_rate={self.dropout_rate}) needs an rng: construct the layer'
+      ' with rngs=nnx.Rngs(params=..., dropout=...) or pass rngs= (an'
+      f' nnx.Rngs, RngStream or key) to the call; got {got}. For inference'
+      ' use deterministic=True or layer.eval().'
+    )
+
+  def run(
+    self,
+    forward: Callable[..., Array],
+    x: Array,
+    key: Array | None,
+    policy: Callable[..., Any],
+  ) -> Array:
+    """Calls ``forward(self, x, key)``; with ``remat``, under ``nnx.remat``.
+
+    ``nnx.remat`` (not ``jax.checkpoint`` over a closure of the module) lets
+    the module's state change inside the checkpointed call. Where a plain
+    JAX transform (``jax.jit``, ``jax.grad``) closes over the layer, its
+    variables belong to an outer trace and cannot be written back: there the
+    call runs under ``jax.checkpoint`` with the same policy.
+    """
+    if not self.remat:
+      return forward(self, x, key)
+    if _state_writable(self):
+      return nnx.remat(forward, policy=policy)(self, x, key)
+    closure = functools.partial(forward, self)
+    return jax.checkpoint(closure, policy=policy)(x, key)
+
+  def __nnx_repr__(self):
+    """Shows the activation by name; hides dropout options when unused."""
+    for item in super().__nnx_repr__():
+      if isinstance(item, reprlib.Attr):
+        if self.dropout_rate == 0 and item.key in _DROPOUT_ATTRS:
+          continue
+        if item.key == 'activation' and not isinstance(
+          self.activation, nnx.Module
+        ):
+          item = dataclasses.replace(
+            item, value=ffn_body.ActivationName(self.activation)
+          )
+      yield item

@@ -1,0 +1,356 @@
+"""Flax NNX routed FFN: the mixture-of-experts layer ``MoE``.
+
+Attributes (``E`` experts, input width ``d``, expert hidden width ``h``;
+biases with ``router_use_bias`` / ``use_bias``, else ``None``)::
+
+  router              kernel (d, E)      ('embed', None); bias (E,)
+  gate_proj           kernel (E, d, h)   ('exp', 'embed', 'mlp'); bias (E, h)
+  up_proj             kernel (E, d, h)   ('exp', 'embed', 'mlp'); bias (E, h)
+  down_proj           kernel (E, h, out) ('exp', 'mlp', 'embed'); bias (E, out)
+  shared_expert       a GatedFFN (with shared_hidden_features), else None
+  shared_expert_gate  kernel (d, 1) (Qwen2-MoE), else None
+  score_correction_bias  (E,) float32 nnx.BatchStat (sigmoid), else None
+
+``score_correction_bias`` is an ``nnx.BatchStat``, not an ``nnx.Param``:
+``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)`` leave it alone; the
+caller moves it with :func:`flaxact.update_score_correction_bias`.
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from flaxact import nnx as fx
+  >>> layer = fx.MoE(16, 32, 4, 2, rngs=nnx.Rngs(0))
+  >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(layer, nnx.Param)))
+  {'down_proj': {'kernel': (4, 32, 16)},
+   'gate_proj': {'kernel': (4, 16, 32)},
+   'router': {'kernel': (16, 4)},
+   'up_proj': {'kernel': (4, 16, 32)}}
+  >>> y, aux = nnx.capture(layer, nnx.Intermediate)(jnp.ones((2, 5, 16)))
+  >>> y.shape, sorted(aux)
+  ((2, 5, 16), ['expert_load', 'load_balancing_loss', 'router_z_loss'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, cast
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx import reprlib
+from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
+
+from flaxact._src.common import checks
+from flaxact._src.layers import moe_body, sharding
+from flaxact._src.layers.projection import DotGeneralCls
+from flaxact._src.nnx import experts
+from flaxact._src.nnx.base import (
+  FFNBase,
+  Projection,
+  ProjectionOptions,
+  default_bias_init,
+  default_kernel_init,
+)
+from flaxact._src.nnx.gated import GatedFFN
+
+Array = jax.Array
+
+_HIDDEN = ('dropout_rate', 'activations_in_float32', 'rngs')
+
+
+class MoE(FFNBase):
+  r"""A routed FFN (mixture of experts): ``k`` of ``E`` expert FFNs per token.
+
+  .. math::
+    y = \sum_{e \in \mathrm{top}_k(x)} w_e(x)\,
+        \big(\mathrm{act}(x G_e) \odot x U_e\big) D_e
+        \;+\; \mathrm{shared}(x)
+
+  **Dropless by default**: every token reaches all ``k`` chosen experts
+  whatever the load; ``capacity_factor=c`` keeps at most
+  ``ceil(c * tokens * k / E)`` assignments per expert, dropping the overflow
+  in token order. The router computes in float32: ``'softmax'`` (Mixtral,
+  Qwen-MoE, OLMoE, GPT-OSS) or ``'sigmoid'`` (DeepSeek-V3, with the
+  non-trainable ``score_correction_bias`` and optional group-limited
+  routing); see :func:`flaxact.top_k_routing`. Ties go to the lower expert
+  index.
+
+  Each call records ``load_balancing_loss`` (on ``softmax(logits)`` whatever
+  the router), ``router_z_loss`` and ``expert_load`` (``(E,)`` int32 tokens
+  routed to each expert) as ``nnx.Intermediate`` (``self.sow``) when called
+  under ``nnx.capture`` (Flax 0.12's way to collect intermediates; outside
+  it nothing is recorded): ``y, aux = nnx.capture(layer,
+  nnx.Intermediate)(x)``, each value a one-element tuple per call. Add the
+  losses to the training loss yourself: they are never added to the
+  output.
+
+  The router, ``shared_expert`` and ``shared_expert_gate`` are ordinary
+  projections: ``dot_general``/``dot_general_cls`` hooks and Qwix reach them
+  as in :class:`GatedFFN`. The experts reach them through ``impl='dense'``:
+  each of ``gate_proj``, ``up_proj`` and ``down_proj`` runs one
+  ``dot_general`` (or the hook; ``dot_general_cls`` makes one instance per
+  projection) over its whole stacked kernel, every expert on every token,
+  as a hand-written MoE does, so Qwix QAT/PTQ/LoRA and AQT quantize the
+  experts per expert and output channel. ``impl='auto'`` picks it by itself
+  under a ``dot_general`` hook or while ``jax.lax.dot_general`` is
+  intercepted (Qwix); dropless it costs ``E / k`` times the experts' FLOPs
+  of the grouped impls (with ``capacity_factor=c`` each expert computes its
+  capacity slots only: about ``c`` times). With ``remat=True`` the
+  backward pass keeps two ``(T·k, hidden)`` arrays (``'moe_gate'``,
+  ``'moe_up'``; ``(E, rows, hidden)`` with ``'dense'``) plus the shared
+  expert's two. Under a mesh whose logical axis rules map ``'exp'`` to a
+  mesh axis (:data:`EXPERT_PARALLEL_RULES`), the grouped impls run
+  expert-parallel with all-to-all, and ``'dense'`` leaves the
+  partitioning to ``jit``; no expert kernel is gathered.
+
+  Args:
+    in_features: the input width (``'embed'``).
+    hidden_features: each expert's hidden width (``'mlp'``).
+    num_experts: ``E``, the number of routed experts (``'exp'``).
+    experts_per_token: ``k``, in ``[1, E]``.
+    activation: the gate's element-wise activation (registry name or
+      function): ``act(gate) * up``.
+    gated_product: a ``(gate, up) -> hidden`` function replacing it, e.g.
+      ``functools.partial(flaxact.gpt_oss_glu, alpha=1.702, limit=7.0)``.
+    router: ``'softmax'`` or ``'sigmoid'``.
+    normalize_weights: renormalise the ``k`` weights to sum to 1.
+    routed_scaling_factor: multiplies the routing weights (DeepSeek-V3).
+    num_groups: sigmoid router: experts form this many equal groups.
+    groups_per_token: sigmoid router: groups kept per token.
+    router_use_bias: a router bias (GPT-OSS).
+    shared_hidden_features: hidden width of an always-on shared expert
+      (``shared_expert``, a :class:`GatedFFN`); ``None``: none.
+    shared_expert_gate: Qwen2-MoE's ``sigmoid(x @ w)`` gate on the shared
+      expert.
+    capacity_factor: ``None`` (dropless) or a positive number.
+    use_bias: biases on the expert projections (GPT-OSS).
+    out_features: the output width; ``None`` uses ``in_features``.
+    dtype: the compute dtype; ``None`` uses the input's.
+    param_dtype: the parameters' dtype.
+    precision: matmul precision.
+    kernel_init: initialiser of each expert's kernels (per expert, with its
+      ``(in, out)`` shape), the router and the shared expert.
+    bias_init: bias initialiser.
+    dot_general: replaces :func:`jax.lax.dot_general` in every projection
+      (the experts' with ``impl='dense'``).
+    dot_general_cls: a class whose instances replace ``dot_general``, one
+      per projection.
+    impl: the experts' matmul: ``'loop'``, ``'tiles'`` or ``'ragged'``
+      (grouped, fused under a custom VJP), or ``'dense'`` (plain
+      ``dot_general`` per projection, what quantizers reach); all give the
+      same result. ``'auto'``: ``'dense'`` with a ``dot_general`` hook or
+      under Qwix, else ``'loop'`` on CPU and ``'ragged'`` on GPU/TPU. A
+      grouped impl with a ``dot_general`` hook is an error; under Qwix it
+      warns that the experts stay float.
+    tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
+    remat: memory-lean backward (``nnx.remat`` with
+      :data:`~flaxact._src.layers.moe_body.MOE_LAYER_REMAT_POLICY`).
+    rngs: ``params`` initialises the weights.
+
+  Raises:
+    ValueError: for ``experts_per_token`` outside ``[1, num_experts]``, an
+      unknown router or impl, a grouped impl with a ``dot_general`` hook,
+      groups not dividing the experts, ``capacity_factor <= 0``, or (at the
+      call) an input of another width.
+    TypeError: for integer input or a learnable activation module.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from flaxact import nnx as fx
+    >>> layer = fx.MoE(16, 64, 8, 2, router='sigmoid',
+    ...                shared_hidden_features=64, rngs=nnx.Rngs(0))
+    >>> layer.score_correction_bias.shape
+    (8,)
+    >>> layer(jnp.ones((4, 16), jnp.bfloat16)).dtype
+    dtype(bfloat16)
+
+  References:
+    Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated
+    Mixture-of-Experts Layer", 2017; Jiang et al., "Mixtral of Experts",
+    2024; DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024.
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    num_experts: int,
+    experts_per_token: int,
+    *,
+    activation: str | Callable[..., Any] = 'silu',
+    gated_product: Callable[[Array, Array], Array] | None = None,
+    router: str = 'softmax',
+    normalize_weights: bool = True,
+    routed_scaling_factor: float = 1.0,
+    num_groups: int | None = None,
+    groups_per_token: int | None = None,
+    router_use_bias: bool = False,
+    shared_hidden_features: int | None = None,
+    shared_expert_gate: bool = False,
+    capacity_factor: float | None = None,
+    use_bias: bool = False,
+    out_features: int | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike = None,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    dot_general: DotGeneralT | None = None,
+    dot_general_cls: DotGeneralCls | None = None,
+    impl: str = 'auto',
+    tile_size: int = 128,
+    remat: bool = True,
+    rngs: nnx.Rngs,
+  ):
+    self.hooked = dot_general is not None or dot_general_cls is not None
+    router, impl = moe_body.check_options(
+      type(self).__name__,
+      hidden_features=hidden_features,
+      num_experts=num_experts,
+      experts_per_token=experts_per_token,
+      activation=activation,
+      gated_product=gated_product,
+      router=router,
+      num_groups=num_groups,
+      groups_per_token=groups_per_token,
+      shared_hidden_features=shared_hidden_features,
+      shared_expert_gate=shared_expert_gate,
+      capacity_factor=capacity_factor,
+      impl=impl,
+      tile_size=tile_size,
+      module_type=nnx.Module,
+      hooked=self.hooked,
+    )
+    self.init_options(
+      in_features=in_features,
+      hidden_features=hidden_features,
+      out_features=out_features,
+      activation=activation,
+      dropout_rate=0.0,
+      dropout_broadcast_dims=(),
+      deterministic=True,
+      dtype=dtype,
+      activations_in_float32=False,
+      remat=remat,
+      rngs=rngs,
+    )
+    self.num_experts = int(num_experts)
+    self.experts_per_token = int(experts_per_token)
+    self.gated_product = gated_product
+    self.router_kind = router
+    self.normalize_weights = normalize_weights
+    self.routed_scaling_factor = routed_scaling_factor
+    self.num_groups = num_groups
+    self.groups_per_token = groups_per_token
+    self.capacity_factor = capacity_factor
+    self.impl = impl
+    self.tile_size = int(tile_size)
+    self.precision = precision
+    options = ProjectionOptions(
+      use_bias=use_bias,
+      param_dtype=param_dtype,
+      precision=precision,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      dot_general=dot_general,
+      dot_general_cls=dot_general_cls,
+    )
+    self._build(options, router_use_bias, rngs)
+    self._build_shared(
+      options, shared_hidden_features, shared_expert_gate, rngs
+    )
+
+  def _build(self, options, router_use_bias, rngs) -> None:
+    d, e = self.in_features, self.num_experts
+    self.router = Projection(
+      d,
+      (e,),
+      axes=sharding.ROUTER_PROJ_AXES,
+      options=dataclasses.replace(options, use_bias=router_use_bias),
+      rngs=rngs,
+    )
+    self.gate_proj, self.up_proj, self.down_proj = experts.build_experts(
+      d, self.hidden_features, self.out_features, e, options=options, rngs=rngs
+    )
+    self.score_correction_bias: nnx.BatchStat | None
+    if self.router_kind == 'sigmoid':
+      self.score_correction_bias = nnx.BatchStat(jnp.zeros((e,), jnp.float32))
+    else:
+      self.score_correction_bias = nnx.data(None)
+
+  def _build_shared(self, options, hidden, gate, rngs) -> None:
+    self.shared_expert: GatedFFN | None = nnx.data(None)
+    self.shared_expert_gate: Projection | None = nnx.data(None)
+    if hidden is None:
+      return
+    self.shared_expert, shared_gate = experts.build_shared(
+      self.in_features,
+      hidden,
+      self.out_features,
+      gate=gate,
+      activation=self.activation,
+      dtype=self.dtype,
+      options=options,
+      rngs=rngs,
+    )
+    if shared_gate is not None:
+      self.shared_expert_gate = shared_gate
+
+  def __call__(self, x: Array) -> Array:
+    """Applies the layer and records its auxiliary outputs.
+
+    Args:
+      x: input of shape ``(..., in_features)``, floating dtype.
+
+    Returns:
+      An array of shape ``(..., out_features)`` in ``dtype`` (by default the
+      input's dtype).
+
+    Raises:
+      TypeError: if ``x`` is not floating point.
+      ValueError: if the last axis of ``x`` is not ``in_features``.
+    """
+    x = checks.check_layer_input(x, type(self).__name__, self.in_features)
+    forward = cast(Callable[..., Array], MoE._forward)
+    out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
+    y, aux = cast(tuple[Array, moe_body.Aux], out)
+    if hasattr(self, '__captures__'):  # inside nnx.capture
+      for name, value in zip(moe_body.RECORDED, aux, strict=True):
+        self.sow(nnx.Intermediate, name, value)
+    return y
+
+  def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:
+    del key  # no dropout
+    dtype, _ = self.dtypes(x)
+    logits = self.router(x, dtype=jnp.promote_types(x.dtype, jnp.float32))
+    bias = self.score_correction_bias
+    experts = (self.gate_proj, self.up_proj, self.down_proj)
+    xc = x.astype(dtype)
+    y, aux = moe_body.routed(
+      xc,
+      logits,
+      experts,
+      settings=moe_body.routing_settings(self, router=self.router_kind),
+      score_correction_bias=None if bias is None else bias[...],
+      precision=self.precision,
+      hooked=self.hooked,
+    )
+    if self.shared_expert is not None:
+      # The shared expert before its gate, as in Linen: the same order of
+      # operations, so input gradients are bit-identical too.
+      shared = self.shared_expert(xc)
+      gate = None
+      if self.shared_expert_gate is not None:
+        gate = self.shared_expert_gate(xc, dtype=dtype)
+      y = moe_body.add_shared(y, shared, gate)
+    return y, aux
+
+  def __nnx_repr__(self):
+    """Hides the dense-only options; shows the activation by name."""
+    for item in super().__nnx_repr__():
+      if isinstance(item, reprlib.Attr) and item.key in _HIDDEN:
+        continue
+      yield item
