@@ -2,10 +2,11 @@
 
 The Linen and NNX layers keep their shared options (``use_bias``,
 ``dtype``, ``remat``, ...) as fields of one base class per framework, whose
-docstring lists them once under ``Attributes:``. That base class is not
-public, so this hook appends its ``Attributes:`` entries to the
-``Attributes:`` section of each public subclass while the page is built
-(before napoleon reads the docstring); the source stays as it is.
+docstring lists them once under ``Attributes:`` (Linen) or ``Args:`` (NNX).
+That base class is not public, so this hook appends those entries to the
+same section of each public subclass while the page is built (before
+napoleon reads the docstring), leaving out the names the subclass documents
+itself or does not take; the source stays as it is.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def _private_bases(cls) -> list[type]:
     for base in cls.__mro__[1:]
     if base.__module__.startswith('flaxact.')
     and not any(base is obj for obj in public)
-    and 'Attributes:' in (base.__doc__ or '')
+    and (
+      'Attributes:' in (base.__doc__ or '') or 'Args:' in (base.__doc__ or '')
+    )
   ]
 
 
@@ -67,26 +70,41 @@ def _name(entry: list[str]) -> str:
   return entry[0].strip().split(':')[0].split(' ')[0]
 
 
+def _parameters(cls) -> set[str] | None:
+  """The names a class takes, or ``None`` when its signature is unknown."""
+  try:
+    return set(inspect.signature(cls).parameters)
+  except (TypeError, ValueError):
+    return None
+
+
 def _process(app, what, name, obj, options, lines) -> None:
   if what != 'class' or not name.startswith('flaxact.'):
     return
+  takes = _parameters(obj)
   for base in _private_bases(obj):
     base_lines = inspect.cleandoc(base.__doc__ or '').splitlines()
-    own = _sections(lines)
-    have = set()
-    if 'Attributes' in own:
-      have = {_name(e) for e in _entries(lines, *own['Attributes'])}
-    new = [
-      line
-      for entry in _entries(base_lines, *_sections(base_lines)['Attributes'])
-      if _name(entry) not in have
-      for line in entry
-    ]
-    if 'Attributes' in own:
-      at = own['Attributes'][1]
-      lines[at:at] = new
-    else:
-      lines += ['', 'Attributes:', *new]
+    base_sections = _sections(base_lines)
+    for section in ('Attributes', 'Args'):
+      if section not in base_sections:
+        continue
+      own = _sections(lines)
+      have = set()
+      if section in own:
+        have = {_name(e) for e in _entries(lines, *own[section])}
+      new = [
+        line
+        for entry in _entries(base_lines, *base_sections[section])
+        if _name(entry) not in have and (takes is None or _name(entry) in takes)
+        for line in entry
+      ]
+      if not new:
+        continue
+      if section in own:
+        at = own[section][1]
+        lines[at:at] = new
+      else:
+        lines += ['', f'{section}:', *new]
 
 
 def setup(app):
