@@ -19,6 +19,7 @@ import re
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS.parent))  # this checkout's flaxact
 PUBLIC_MODULES = ('flaxact', 'flaxact.linen', 'flaxact.nnx')
 #: The plots each notebook draws in its quick setting
 #: (``tests/test_notebooks.py`` asserts the same counts).
