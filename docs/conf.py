@@ -13,6 +13,7 @@ itself, in the same quick setting, and keeps the copies there.
 from __future__ import annotations
 
 import pathlib
+import shutil
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -83,3 +84,6 @@ html_theme_options = {
 suppress_warnings = ['mystnb.unknown_mime_type']
 
 executed_notebooks.prepare(ROOT / 'notebooks', DOCS / 'notebooks')
+# autosummary writes a stub page per public name; a stale stub from an
+# earlier build would hide a name dropped from docs/api/ from api_coverage.
+shutil.rmtree(DOCS / 'api' / '_autosummary', ignore_errors=True)
