@@ -12,6 +12,7 @@ itself or does not take; the source stays as it is.
 from __future__ import annotations
 
 import inspect
+import re
 
 
 def _sections(lines: list[str]) -> dict[str, tuple[int, int]]:
@@ -73,9 +74,24 @@ def _name(entry: list[str]) -> str:
 def _parameters(cls) -> set[str] | None:
   """The names a class takes, or ``None`` when its signature is unknown."""
   try:
-    return set(inspect.signature(cls).parameters)
+    return set(inspect.signature(cls.__init__).parameters)
   except (TypeError, ValueError):
     return None
+
+
+def _signature(app, what, name, obj, options, signature, return_annotation):
+  """NNX classes show ``__init__``'s signature, not the metaclass's."""
+  if what != 'class' or signature != '(*args, **kwargs)':
+    return None
+  init = inspect.signature(obj.__init__)
+  params = [
+    p.replace(annotation=inspect.Parameter.empty)
+    for p in list(init.parameters.values())[1:]
+  ]
+  plain = init.replace(
+    parameters=params, return_annotation=inspect.Signature.empty
+  )
+  return re.sub(r' at 0x[0-9a-f]+>', '>', str(plain)), None
 
 
 def _process(app, what, name, obj, options, lines) -> None:
@@ -111,4 +127,5 @@ def setup(app):
   """Connects the hook ahead of napoleon (priority 400 < 500)."""
   app.setup_extension('sphinx.ext.autodoc')
   app.connect('autodoc-process-docstring', _process, priority=400)
+  app.connect('autodoc-process-signature', _signature)
   return {'parallel_read_safe': True, 'parallel_write_safe': True}
