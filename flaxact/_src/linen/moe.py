@@ -105,8 +105,9 @@ class MoE(FFNBase):
   (``'dense'`` leaves the partitioning to ``jit``): tokens move to the
   experts' devices with all-to-all and no expert kernel is gathered. The
   shared options (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
-  initialisers, ``dot_general``, ``dot_general_cls``, ``remat``) are
-  documented on :class:`~flaxact._src.linen.base.FFNBase`; dropout and
+  initialisers, ``dot_general``, ``dot_general_cls``, ``remat``) are the
+  attributes of the layers' base class, ``FFNBase`` (listed with this
+  layer's own in the API reference); dropout and
   ``activations_in_float32`` are not supported by ``MoE``.
 
   Attributes:
