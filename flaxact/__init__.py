@@ -1,8 +1,13 @@
-"""flaxact: accurate activations and memory-lean gated FFN layers for JAX.
+"""flaxact: accurate activations, lean gated FFNs and routed MoE for JAX.
 
 Element-wise activations, split-form gated functions (value first, gate
-second), the two-array gated product, the name registry and the LLaMA hidden
-width rule. Flax layers live in :mod:`flaxact.linen` and :mod:`flaxact.nnx`.
+second), the two-array gated product (and GPT-OSS's ``gpt_oss_glu``), the
+name registry and the LLaMA hidden width rule; the routed FFN (mixture of
+experts) as a function of plain arrays (``moe_ffn`` and its ``MoEAux``), its
+routers (``top_k_routing``) and their auxiliary losses and bias update. Flax
+layers (``FFN``, ``GatedFFN``, ``MoE``, ``from_torch``, ...) live in
+:mod:`flaxact.linen` and :mod:`flaxact.nnx`; ``import flaxact`` does not
+import Flax.
 
 **``flaxact.gelu`` defaults to the exact (erf) form**, like PyTorch; use
 ``flaxact.gelu_tanh`` for ``jax.nn.gelu``'s default.

@@ -1,10 +1,14 @@
-"""Flax Linen layers: gated FFNs, the plain FFN and learnable activations.
+"""Flax Linen layers: FFNs, gated FFNs, the routed MoE and activations.
 
-``SwiGLU``, ``GeGLU`` and ``ReGLU`` are :class:`GatedFFN` with ``silu``, the
-exact ``gelu`` and ``relu``. Layers are called as
+``FFN`` and ``GatedFFN`` with the presets ``SwiGLU``, ``GeGLU`` and ``ReGLU``
+(``silu``, the exact ``gelu``, ``relu``); ``MoE``, the routed FFN (mixture of
+experts) with stacked expert kernels; the learnable activations ``PReLU``,
+``Swish`` and ``XIELU``; ``from_torch``, which builds any of the FFN layers
+from a PyTorch ``state_dict`` (dense and MoE layouts). Layers are called as
 ``layer.apply(variables, x, deterministic=True)``. The logical-axis rule sets
-(``TENSOR_PARALLEL_RULES``, ``FSDP_RULES``, ``FSDP_TENSOR_PARALLEL_RULES``)
-map the layers' parameter axis names onto a device mesh.
+(``TENSOR_PARALLEL_RULES``, ``FSDP_RULES``, ``FSDP_TENSOR_PARALLEL_RULES``,
+``EXPERT_PARALLEL_RULES``) map the layers' parameter axis names onto a device
+mesh; ``CHECKPOINT_NAMES`` are the names remat policies can save.
 """
 
 from flaxact._src.layers.remat import CHECKPOINT_NAMES as CHECKPOINT_NAMES
