@@ -7,7 +7,9 @@ exact ``gelu`` and ``relu``. Layers are called as
 map the layers' parameter axis names onto a device mesh.
 """
 
-from flaxact._src.layers.remat import CHECKPOINT_NAMES as CHECKPOINT_NAMES
+from flaxact._src.layers.remat import (
+  ALL_CHECKPOINT_NAMES as CHECKPOINT_NAMES,
+)
 from flaxact._src.layers.sharding import (
   EXPERT_PARALLEL_RULES as EXPERT_PARALLEL_RULES,
 )
