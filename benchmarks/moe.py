@@ -153,9 +153,9 @@ def jax_cases(shape, a):
     logits = x @ rk
     w, ex = flaxact.top_k_routing(logits, k)
     layout = dispatch.make_layout(ex, e, a.tile_size or 128)
-    xr = dispatch._take(x, layout.row_assign // k)
-    wr = dispatch._take(w.reshape(-1), layout.row_assign)
-    y = dispatch._combine(xr * wr[:, None], layout.assign_row)
+    xr = dispatch.take(x, layout.row_assign // k)
+    wr = dispatch.take(w.reshape(-1), layout.row_assign)
+    y = dispatch.combine(xr * wr[:, None], layout.assign_row)
     return jnp.sum(y * c)
 
   grad = lambda f, n: jax.jit(jax.grad(f, argnums=tuple(range(n))))

@@ -1,6 +1,6 @@
-"""The README's "Checkpoints and export" recipes, run as written.
+"""The docs' "Checkpoints and export" recipes, run as written.
 
-``tests/readme_recipes.py`` extracts the section's code blocks. The
+``tests/docs_recipes.py`` extracts the section's code blocks. The
 one-device recipes run here; the same functions are then reused for stacked
 layers (no mesh) and bfloat16 compute with float32 parameters. The mesh
 recipes run in one subprocess on 8 simulated CPU devices.
@@ -25,14 +25,14 @@ from flax import nnx
 
 from flaxact import linen as fl
 from flaxact import nnx as fx
-from tests import readme_recipes
+from tests import docs_recipes
 
 L = 4  # stacked layers
 
 
 def _assert_restored(saved, restored):
   """Every leaf restored bit-exactly, with its dtype."""
-  for path, leaf in readme_recipes.compare(saved, restored).items():
+  for path, leaf in docs_recipes.compare(saved, restored).items():
     assert leaf['equal'] and leaf['same_dtype'], (path, leaf)
 
 
@@ -40,8 +40,8 @@ def _nnx_state(model, optimizer):
   return {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}
 
 
-def test_readme_has_every_recipe():
-  assert list(readme_recipes.recipes()) == [
+def test_docs_page_has_every_recipe():
+  assert list(docs_recipes.recipes()) == [
     'nnx',
     'nnx-mesh',
     'linen',
@@ -55,7 +55,7 @@ def test_readme_has_every_recipe():
 
 @pytest.fixture(scope='module')
 def nnx_recipe(tmp_path_factory):
-  return readme_recipes.run(('nnx',), tmp_path_factory.mktemp('ckpt'))
+  return docs_recipes.run(('nnx',), tmp_path_factory.mktemp('ckpt'))
 
 
 def test_nnx_recipe_restores_model_and_optimizer(nnx_recipe):
@@ -118,7 +118,7 @@ def test_nnx_recipe_functions_restore_stacked_layers(nnx_recipe, tmp_path):
 
 @pytest.fixture(scope='module')
 def linen_recipe(tmp_path_factory):
-  return readme_recipes.run(('linen',), tmp_path_factory.mktemp('ckpt'))
+  return docs_recipes.run(('linen',), tmp_path_factory.mktemp('ckpt'))
 
 
 def test_linen_recipe_restores_params_and_optimizer_state(linen_recipe):
@@ -172,7 +172,7 @@ def test_linen_recipe_functions_restore_stacked_layers(linen_recipe, tmp_path):
 
 def test_export_recipe_round_trips_forward_and_gradient():
   with jax.default_matmul_precision('highest'):
-    ns = readme_recipes.run(('export',), None)
+    ns = docs_recipes.run(('export',), None)
     params, x = ns['params'], ns['x']
     want = {
       'forward': jax.jit(ns['forward'])(params, x),
@@ -201,8 +201,8 @@ def _mesh_report(ckpt_dir) -> dict:
     'JAX_PLATFORMS': 'cpu',
   }
   result = subprocess.run(
-    [sys.executable, '-W', 'error', readme_recipes.__file__, ckpt_dir],
-    cwd=readme_recipes.README.parent,
+    [sys.executable, '-W', 'error', docs_recipes.__file__, ckpt_dir],
+    cwd=docs_recipes.ROOT,
     env=env,
     capture_output=True,
     text=True,
@@ -215,7 +215,7 @@ def _mesh_report(ckpt_dir) -> dict:
 def test_mesh_recipes_keep_shardings_and_values(tmp_path):
   """Both mesh chains in one subprocess on 8 simulated CPU devices."""
   report = _mesh_report(tmp_path)
-  assert sorted(report) == sorted(readme_recipes.MESH_CHAINS)
+  assert sorted(report) == sorted(docs_recipes.MESH_CHAINS)
   for chain, result in report.items():
     assert 'error' not in result, (chain, result.get('error'))
     assert result['outputs_equal'], chain

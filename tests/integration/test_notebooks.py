@@ -2,10 +2,13 @@
 
 Each notebook is executed top to bottom in a fresh kernel with nbclient; any
 cell that raises fails the test. The committed notebooks must carry no
-outputs.
+outputs. Each executed copy is kept under ``docs/_build/executed/`` (ignored
+by git) for the docs build, which shows the notebooks as pages without
+executing them a second time (``docs/_ext/executed_notebooks.py``).
 """
 
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,6 +34,18 @@ SHAKESPEARE = os.path.join(
   os.path.dirname(ROOT), 'shared', 'data', 'tinyshakespeare.txt'
 )
 NAMES = ['activations.ipynb', 'glu_variants.ipynb', 'moe.ipynb']
+EXECUTED_NOTEBOOKS = os.path.join(ROOT, 'docs', '_ext', 'executed_notebooks.py')
+
+
+def keep_for_docs(nb, name):
+  """Writes the executed ``nb`` where the docs build looks for it."""
+  spec = importlib.util.spec_from_file_location(
+    'executed_notebooks', EXECUTED_NOTEBOOKS
+  )
+  assert spec and spec.loader
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.save(nb, module.pathlib.Path(NOTEBOOKS) / name)
 
 
 def execute(name, env):
@@ -45,6 +60,7 @@ def execute(name, env):
       resources={'metadata': {'path': NOTEBOOKS}},
     )
     client.execute()
+    keep_for_docs(nb, name)
   finally:
     for k, v in old.items():
       if v is None:

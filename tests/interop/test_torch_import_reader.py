@@ -24,7 +24,7 @@ from tests.torch_helpers import (
   numpy_forward,
 )
 
-README = pathlib.Path(__file__).parents[2] / 'README.md'
+PORTING = pathlib.Path(__file__).parents[2] / 'docs' / 'porting.md'
 
 
 def test_reference_file_has_every_layout_from_transformers():
@@ -142,7 +142,7 @@ def test_bert_layernorm_keys_are_ignored_not_loaded():
 
 
 def _table_rows(text: str) -> dict[str, str]:
-  """``layout -> activation`` from a README table row or an RST table."""
+  """``layout -> activation`` from a Markdown table row or an RST table."""
   rows = {}
   for names, act in re.findall(
     r'^\| (`[^|]+`) \|[^|]+\|[^|]+\| `(\w+)`', text, re.M
@@ -163,9 +163,9 @@ def _moe_activations() -> dict[str, str]:
   }  # fmt: skip
 
 
-def test_readme_table_lists_every_layout_with_its_activation():
-  """The README's table is a copy for readers: it must match the source."""
-  section = README.read_text().split('## Loading PyTorch weights')[1]
+def test_docs_table_lists_every_layout_with_its_activation():
+  """The docs' table is a copy for readers: it must match the source."""
+  section = PORTING.read_text().split('## Layouts')[1]
   section = section.split('\n## ')[0]
   rows = _table_rows(section)
   expected = {n: s.activation for n, s in LAYOUTS.items()}

@@ -26,7 +26,8 @@ class FFN(FFNBase):
   by default** (GPT-2, BERT, ViT have them; pass ``use_bias=False`` for T5)
   and the **exact** GELU by default. With ``remat=True`` the backward pass
   keeps one hidden-sized array, the pre-activation. The other options are
-  attributes of :class:`~flaxact._src.linen.base.FFNBase`.
+  shared by every flaxact Linen layer (the attributes of its base class,
+  ``FFNBase``, listed with this layer's own in the API reference).
 
   Attributes:
     hidden_features: the hidden width (``'mlp'``).

@@ -129,8 +129,8 @@ def from_torch(
       ``'gpt_oss'``, ``'olmoe'``, each in both key formats (the published
       checkpoints' per-expert keys and the stacked ``experts.gate_up_proj``
       of ``transformers`` 5 modules). The keys, orientation and default
-      activation of each are tabled in the README (section "Loading PyTorch
-      weights") and in :mod:`flaxact._src.interop.torch.layouts`.
+      activation of each are tabled in the documentation (page "Porting
+      from PyTorch and Hugging Face", section "Layouts").
     activation: a registry name (Hugging Face ``config.hidden_act`` names
       keep their meaning) or an element-wise JAX function; ``None`` uses the
       layout's (for a routed FFN, ``config.hidden_act``, else ``'silu'``;

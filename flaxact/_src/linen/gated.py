@@ -50,8 +50,9 @@ class GatedFFN(FFNBase):
   **No biases by default** (LLaMA, Gemma, Mistral have none). Every other
   option (``use_bias``, dropout, ``dtype``, ``param_dtype``, ``precision``,
   initialisers, ``dot_general``, ``dot_general_cls``,
-  ``activations_in_float32``, ``remat``) is an attribute of
-  :class:`~flaxact._src.linen.base.FFNBase`, documented there.
+  ``activations_in_float32``, ``remat``) is an option every flaxact Linen
+  layer shares (the attributes of its base class, ``FFNBase``, listed
+  with this layer's own in the API reference).
 
   The backward pass keeps two hidden-sized arrays (the gate and up
   pre-activations) with ``remat=True``; the hidden activation is recomputed.

@@ -102,9 +102,10 @@ class MoE(LayerBase):
   (``'dense'`` leaves the partitioning to ``jit``): tokens move to the
   experts' devices with all-to-all and no expert kernel is gathered. The
   shared options (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
-  initialisers, ``dot_general``, ``dot_general_cls``, ``remat``) are
-  documented on :class:`~flaxact._src.linen.base.LayerBase`; ``MoE`` has no
-  dropout and no ``activations_in_float32``.
+  initialisers, ``dot_general``, ``dot_general_cls``, ``remat``) are the
+  attributes of the layers' base class, ``LayerBase`` (listed with this
+  layer's own in the API reference); ``MoE`` has no dropout and no
+  ``activations_in_float32``.
 
   Attributes:
     hidden_features: each expert's hidden width (``'mlp'``).

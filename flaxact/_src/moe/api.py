@@ -160,8 +160,7 @@ def moe_ffn(
     impl: ``'loop'``, ``'tiles'`` or ``'ragged'`` (grouped matmuls), or
       ``'dense'`` (every expert on every token, or on its capacity slots,
       one ``dot_general`` per projection, ``E / k`` times the FLOPs
-      dropless: what quantizers can reach; see
-      :mod:`flaxact._src.moe.experts.dense`); all give the same result.
+      dropless: what quantizers can reach); all give the same result.
       ``'auto'``: ``'dense'`` with a ``dot_general`` hook or while
       ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'`` on CPU
       and ``'ragged'`` on GPU/TPU.
@@ -175,8 +174,7 @@ def moe_ffn(
       and ``dot_general`` are unused.
     mesh: with a mesh, the grouped impls run expert-parallel: kernels split
       along their experts axis over ``expert_axis``, tokens over every mesh
-      axis, exchanged with ``all_to_all`` (see
-      :func:`flaxact._src.moe.experts.parallel.expert_parallel_ffn`). ``None``:
+      axis, exchanged with ``all_to_all``. ``None``:
       one device (or whatever sharding ``jit`` propagates; ``'dense'``
       always leaves the sharding to ``jit``).
     expert_axis: the mesh axis of the experts.

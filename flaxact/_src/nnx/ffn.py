@@ -56,7 +56,8 @@ class FFN(FFNBase):
   by default** (GPT-2, BERT, ViT have them; pass ``use_bias=False`` for T5)
   and the **exact** GELU by default. With ``remat=True`` the backward pass
   keeps one hidden-sized array, the pre-activation. The keyword options are
-  described on :class:`~flaxact._src.nnx.base.FFNBase`.
+  the arguments of the layers' base class, ``FFNBase`` (listed with this
+  layer's own in the API reference).
 
   Args:
     in_features: the input width (``'embed'``).

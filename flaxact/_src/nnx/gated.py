@@ -35,7 +35,8 @@ class GatedFFN(FFNBase):
   kernel ``(in, 2, hidden)`` that computes the same numbers in one matmul
   (``gate_proj`` and ``up_proj`` are then ``None``). **No biases by
   default** (LLaMA, Gemma, Mistral have none). The keyword options shared
-  with :class:`FFN` are described on :class:`~flaxact._src.nnx.base.FFNBase`.
+  with :class:`FFN` are the arguments of the layers' base class,
+  ``FFNBase`` (listed with this layer's own in the API reference).
 
   The backward pass keeps two hidden-sized arrays (the gate and up
   pre-activations) with ``remat=True``; the hidden activation is recomputed.

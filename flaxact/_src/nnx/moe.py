@@ -169,8 +169,10 @@ class MoE(LayerBase):
       grouped impl with a ``dot_general`` hook is an error; under Qwix it
       warns that the experts stay float.
     tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
-    remat: memory-lean backward (``nnx.remat`` saving only
-      :data:`~flaxact._src.layers.remat.MOE_NAMES`).
+    remat: memory-lean backward (``nnx.remat`` with a policy that saves
+      only the experts' gate and up pre-activations, ``'moe_gate'`` and
+      ``'moe_up'``, and the shared expert's, ``'ffn_gate'`` and
+      ``'ffn_up'``; everything else is recomputed).
     rngs: ``params`` initialises the weights.
 
   Raises:

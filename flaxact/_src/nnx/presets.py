@@ -79,8 +79,9 @@ class SwiGLU(GatedPreset):
 
   Takes every argument of :class:`GatedFFN` except ``activation``, which
   is fixed to ``'silu'``, with the same defaults (no biases,
-  ``remat=True``); the options are described on
-  :class:`~flaxact._src.nnx.base.FFNBase`.
+  ``remat=True``); the options are those every flaxact NNX layer shares
+  (the arguments of its base class, ``FFNBase``, listed with this layer's
+  own in the API reference).
 
   Args:
     in_features: the input width (``'embed'``).
@@ -112,8 +113,9 @@ class GeGLU(GatedPreset):
 
   Takes every argument of :class:`GatedFFN` except ``activation``, which
   is fixed to ``'gelu'``, with the same defaults (no biases,
-  ``remat=True``); the options are described on
-  :class:`~flaxact._src.nnx.base.FFNBase`.
+  ``remat=True``); the options are those every flaxact NNX layer shares
+  (the arguments of its base class, ``FFNBase``, listed with this layer's
+  own in the API reference).
 
   Args:
     in_features: the input width (``'embed'``).
@@ -138,8 +140,9 @@ class ReGLU(GatedPreset):
 
   Takes every argument of :class:`GatedFFN` except ``activation``, which
   is fixed to ``'relu'``, with the same defaults (no biases,
-  ``remat=True``); the options are described on
-  :class:`~flaxact._src.nnx.base.FFNBase`.
+  ``remat=True``); the options are those every flaxact NNX layer shares
+  (the arguments of its base class, ``FFNBase``, listed with this layer's
+  own in the API reference).
 
   Args:
     in_features: the input width (``'embed'``).

@@ -1,4 +1,4 @@
-"""The README's "Quantization and LoRA" recipes, run as written.
+"""The docs' "Quantization and LoRA" recipes, run as written.
 
 The section's code blocks (each after a ``<!-- recipe: NAME -->`` marker)
 run in order in one namespace; the test then checks what the section
@@ -24,8 +24,7 @@ from flax import nnx
 from flaxact import nnx as fx
 from tests.moe_quantization_helpers import warns_grouped
 
-README = pathlib.Path(__file__).parents[2] / 'README.md'
-SECTION = '## Quantization and LoRA'
+PAGE = pathlib.Path(__file__).parents[2] / 'docs' / 'quantization.md'
 
 pytestmark = [
   pytest.mark.filterwarnings('ignore::DeprecationWarning:qwix'),
@@ -39,10 +38,7 @@ pytestmark = [
 
 
 def _section() -> str:
-  text = README.read_text()
-  start = text.index(SECTION)
-  end = text.find('\n## ', start + len(SECTION))
-  return text[start : end if end >= 0 else len(text)]
+  return PAGE.read_text()
 
 
 def _error(y, ref) -> float:
@@ -54,9 +50,9 @@ def test_recipes_run_and_match_the_table():
   pattern = r'<!-- recipe: ([\w-]+) -->\n```python\n(.*?)```'
   blocks = re.findall(pattern, section, flags=re.DOTALL)
   assert [name for name, _ in blocks] == ['qat', 'ptq', 'lora', 'aqt', 'moe']
-  ns: dict = {'__name__': 'readme_recipe'}
+  ns: dict = {'__name__': 'docs_recipe'}
   for name, code in blocks:
-    exec(compile(code, f'README.md[{name}]', 'exec'), ns)
+    exec(compile(code, f'docs/quantization.md[{name}]', 'exec'), ns)
   y, y_linen = ns['y_float'], ns['y_linen_float']
   measured = {
     'qat': _error(ns['y_qat'], y),

@@ -1,8 +1,8 @@
-"""Runs the code blocks of the README's "Checkpoints and export" section.
+"""Runs the code blocks of the docs page "Checkpoints and export".
 
 Each block follows an HTML comment ``<!-- recipe: NAME -->``; a chain of
 names (``('nnx', 'nnx-mesh')``) runs in one namespace, in order, with
-``ckpt_dir`` set, exactly as the README shows them.
+``ckpt_dir`` set, exactly as ``docs/checkpoints.md`` shows them.
 ``tests/test_checkpoints.py`` runs the one-device chains in its own process
 and this file as a script for the mesh chains, on 8 simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``): it prints one JSON
@@ -18,8 +18,8 @@ import re
 import sys
 import traceback
 
-README = pathlib.Path(__file__).parent.parent / 'README.md'
-SECTION = '## Checkpoints and export'
+ROOT = pathlib.Path(__file__).parent.parent
+PAGE = ROOT / 'docs' / 'checkpoints.md'
 MESH_CHAINS = {
   'nnx-mesh': ('nnx', 'nnx-mesh'),
   'linen-mesh': ('linen', 'linen-mesh'),
@@ -27,11 +27,8 @@ MESH_CHAINS = {
 
 
 def recipes() -> dict[str, str]:
-  """The section's marked code blocks, by name, in README order."""
-  text = README.read_text()
-  start = text.index(SECTION)
-  end = text.find('\n## ', start + len(SECTION))
-  section = text[start : end if end >= 0 else len(text)]
+  """The page's marked code blocks, by name, in page order."""
+  section = PAGE.read_text()
   pattern = r'<!-- recipe: ([\w-]+) -->\n```python\n(.*?)```'
   return dict(re.findall(pattern, section, flags=re.DOTALL))
 
@@ -39,9 +36,11 @@ def recipes() -> dict[str, str]:
 def run(chain, ckpt_dir: pathlib.Path) -> dict:
   """Executes the blocks of ``chain`` in one namespace; returns it."""
   blocks = recipes()
-  namespace = {'ckpt_dir': ckpt_dir, '__name__': 'readme_recipe'}
+  namespace = {'ckpt_dir': ckpt_dir, '__name__': 'docs_recipe'}
   for name in chain:
-    exec(compile(blocks[name], f'README.md[{name}]', 'exec'), namespace)
+    exec(
+      compile(blocks[name], f'docs/checkpoints.md[{name}]', 'exec'), namespace
+    )
   return namespace
 
 

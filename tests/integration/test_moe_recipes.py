@@ -1,7 +1,7 @@
-"""Runs the README's "Mixture of experts" training recipes as written.
+"""Runs the docs' "Mixture of experts" training recipes as written.
 
 The code blocks after ``<!-- moe-recipe: NAME -->`` run in one namespace in
-README order (the Linen block reuses ``x`` and ``target`` from the NNX
+page order (the Linen block reuses ``x`` and ``target`` from the NNX
 block); each recipe's loss must decrease and the DeepSeek bias update must
 move ``score_correction_bias``.
 """
@@ -13,15 +13,11 @@ import re
 
 import numpy as np
 
-README = pathlib.Path(__file__).parents[2] / 'README.md'
-SECTION = '## Mixture of experts'
+PAGE = pathlib.Path(__file__).parents[2] / 'docs' / 'moe.md'
 
 
 def _recipes() -> dict[str, str]:
-  text = README.read_text()
-  start = text.index(SECTION)
-  end = text.find('\n## ', start + len(SECTION))
-  section = text[start:end]
+  section = PAGE.read_text()
   pattern = r'<!-- moe-recipe: ([\w-]+) -->\n```python\n(.*?)```'
   return dict(re.findall(pattern, section, flags=re.DOTALL))
 
@@ -29,9 +25,9 @@ def _recipes() -> dict[str, str]:
 def test_moe_training_recipes_run_and_learn():
   blocks = _recipes()
   assert list(blocks) == ['nnx', 'linen']
-  namespace = {'__name__': 'readme_moe_recipe'}
+  namespace = {'__name__': 'docs_moe_recipe'}
   for name, code in blocks.items():
-    exec(compile(code, f'README.md[moe-recipe: {name}]', 'exec'), namespace)
+    exec(compile(code, f'docs/moe.md[moe-recipe: {name}]', 'exec'), namespace)
   for key in ('losses', 'linen_losses'):
     losses = namespace[key]
     assert len(losses) == 20 and all(np.isfinite(losses)), key
