@@ -11,7 +11,9 @@ from a PyTorch ``state_dict`` (dense and MoE layouts). Layers are called as
 mesh; ``CHECKPOINT_NAMES`` are the names remat policies can save.
 """
 
-from flaxact._src.layers.remat import CHECKPOINT_NAMES as CHECKPOINT_NAMES
+from flaxact._src.layers.remat import (
+  ALL_CHECKPOINT_NAMES as CHECKPOINT_NAMES,
+)
 from flaxact._src.layers.sharding import (
   EXPERT_PARALLEL_RULES as EXPERT_PARALLEL_RULES,
 )

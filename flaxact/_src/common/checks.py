@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -144,16 +144,41 @@ def normalise_choice(
     ValueError: if no choice matches; the message names the closest match
       and lists every valid name.
   """
-  choices = sorted(choices)
-  key = value.strip().lower().replace('-', '_')
-  if key not in choices:
-    close = difflib.get_close_matches(key, choices, n=1)
-    hint = f' Did you mean {close[0]!r}?' if close else ''
-    raise ValueError(
-      f'unknown {kind} {value!r}.{hint} Valid {plural}:'
-      f' {", ".join(map(repr, choices))}.'
-    )
-  return key
+  return match_choice(value, {f'Valid {plural}': choices}, kind)[0]
+
+
+def match_choice(
+  value: Any, groups: Mapping[str, Iterable[str]], kind: str
+) -> tuple[str, str]:
+  """Matches ``value`` to the names of several groups (see above).
+
+  Args:
+    value: the name given; case and ``-`` versus ``_`` are ignored.
+    groups: each group's heading (for the message) and its valid names.
+    kind: what a name is, for the message.
+
+  Returns:
+    ``(name, heading)``: the normalised name and its group's heading.
+
+  Raises:
+    ValueError: if no name of any group matches; the message names the
+      closest match and lists every group's names under its heading.
+  """
+  key = (
+    value.strip().lower().replace('-', '_') if isinstance(value, str) else ''
+  )
+  for heading, names in groups.items():
+    if key in set(names):
+      return key, heading
+  sorted_groups = {h: sorted(names) for h, names in groups.items()}
+  every = [n for names in sorted_groups.values() for n in names]
+  close = difflib.get_close_matches(key, every, n=1) if key else []
+  hint = f' Did you mean {close[0]!r}?' if close else ''
+  lists = '; '.join(
+    f'{heading}: {", ".join(map(repr, names))}'
+    for heading, names in sorted_groups.items()
+  )
+  raise ValueError(f'unknown {kind} {value!r}.{hint} {lists}.')
 
 
 def check_positive_int(value: Any, name: str, owner: str | None = None) -> int:

@@ -1,9 +1,11 @@
 """The framework-free part of the ``MoE`` layers, shared by Linen and NNX.
 
 Both :mod:`flaxact.linen` and :mod:`flaxact.nnx` hold their parameters in
-their own way, validate their options with :func:`check_options` and run
-:func:`routed` on plain (already promoted) arrays, so given the same weights
-the two APIs run the same operations in the same order.
+their own way, validate their options with :func:`check_options` (the
+routing options as one
+:class:`~flaxact._src.moe.settings.RoutingSettings`) and run :func:`routed`
+on plain (already promoted) arrays, so given the same weights the two APIs
+run the same operations in the same order.
 
 Names recorded by the layers (Linen ``self.sow('intermediates', ...)``, NNX
 ``nnx.Intermediate``): :data:`RECORDED`.
@@ -11,7 +13,6 @@ Names recorded by the layers (Linen ``self.sow('intermediates', ...)``, NNX
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -20,90 +21,16 @@ import jax
 import jax.numpy as jnp
 from flax.core import spmd
 
-from flaxact._src.common.checks import check_positive_int, normalise_choice
-from flaxact._src.layers import ffn_body, remat
-from flaxact._src.moe import api, routers, routing_step
-from flaxact._src.moe.dispatch import GATE as MOE_GATE
-from flaxact._src.moe.dispatch import UP as MOE_UP
+from flaxact._src.common.checks import check_positive_int
+from flaxact._src.layers import ffn_body
+from flaxact._src.moe import api, routing_step
+from flaxact._src.moe.experts.api import resolve_impl
+from flaxact._src.moe.settings import RoutingSettings
 
 Array = jax.Array
 
 #: The names a ``MoE`` layer records on every call (never added to ``y``).
 RECORDED = ('load_balancing_loss', 'router_z_loss', 'expert_load')
-
-#: The remat policy of ``MoE(remat=True)``: the experts' gate and up
-#: pre-activations (``'moe_gate'``, ``'moe_up'``) and the shared expert's
-#: (``'ffn_gate'``, ``'ffn_up'``); everything else is recomputed.
-MOE_LAYER_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(
-  MOE_GATE, MOE_UP, remat.GATE, remat.UP
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutingSettings:
-  """The routing and expert options :func:`api.moe_ffn` takes."""
-
-  experts_per_token: int
-  router: str
-  normalize_weights: bool
-  routed_scaling_factor: float
-  num_groups: int | None
-  groups_per_token: int | None
-  activation: Any
-  gated_product: Callable[[Array, Array], Array] | None
-  capacity_factor: float | None
-  impl: str
-  tile_size: int
-
-
-class RoutingOptions(Protocol):
-  """The ``MoE`` layer attributes :func:`routing_settings` reads."""
-
-  @property
-  def experts_per_token(self) -> int: ...
-  @property
-  def normalize_weights(self) -> bool: ...
-  @property
-  def routed_scaling_factor(self) -> float: ...
-  @property
-  def num_groups(self) -> int | None: ...
-  @property
-  def groups_per_token(self) -> int | None: ...
-  @property
-  def activation(self) -> Any: ...
-  @property
-  def gated_product(self) -> Callable[[Array, Array], Array] | None: ...
-  @property
-  def capacity_factor(self) -> float | None: ...
-  @property
-  def impl(self) -> str: ...
-  @property
-  def tile_size(self) -> int: ...
-
-
-def routing_settings(layer: RoutingOptions, *, router: str) -> RoutingSettings:
-  """The :class:`RoutingSettings` of a Linen or NNX ``MoE`` layer.
-
-  Args:
-    layer: the layer; its routing and expert attributes are read.
-    router: the normalised router name (``'softmax'`` or ``'sigmoid'``).
-
-  Returns:
-    The settings :func:`routed` takes.
-  """
-  return RoutingSettings(
-    experts_per_token=layer.experts_per_token,
-    router=router,
-    normalize_weights=layer.normalize_weights,
-    routed_scaling_factor=layer.routed_scaling_factor,
-    num_groups=layer.num_groups,
-    groups_per_token=layer.groups_per_token,
-    activation=layer.activation,
-    gated_product=layer.gated_product,
-    capacity_factor=layer.capacity_factor,
-    impl=layer.impl,
-    tile_size=layer.tile_size,
-  )
 
 
 class Aux(NamedTuple):
@@ -116,24 +43,18 @@ class Aux(NamedTuple):
 
 def check_options(
   owner: str,
+  routing: RoutingSettings,
   *,
-  hidden_features: Any,
   num_experts: Any,
-  experts_per_token: Any,
+  hidden_features: Any,
   activation: Any,
   gated_product: Any,
-  router: Any,
-  num_groups: Any,
-  groups_per_token: Any,
   shared_hidden_features: Any,
   shared_expert_gate: bool,
-  capacity_factor: Any,
-  impl: Any,
-  tile_size: Any,
   module_type: type,
   hooked: bool,
-) -> tuple[str, str]:
-  """Validates the ``MoE`` options; returns ``(router, impl)`` normalised.
+) -> RoutingSettings:
+  """Validates the ``MoE`` options; returns ``routing`` checked.
 
   Raises:
     ValueError: for ``experts_per_token`` outside ``[1, num_experts]``, an
@@ -148,15 +69,7 @@ def check_options(
   """
   check_positive_int(hidden_features, 'hidden_features', owner)
   e = check_positive_int(num_experts, 'num_experts', owner)
-  k = routers.check_k(experts_per_token, e, owner)
-  check_positive_int(tile_size, 'tile_size', owner)
-  try:
-    router = normalise_choice(router, routers.ROUTERS, 'router', 'routers')
-    impl = normalise_choice(impl, routing_step.IMPLS, 'impl', 'impls')
-    if impl != 'auto':
-      routing_step.resolve_impl(impl, hooked=hooked)
-  except ValueError as err:
-    raise ValueError(f'{owner}: {err}') from None
+  routing = routing.check(owner, num_experts=e, hooked=hooked)
   if isinstance(activation, module_type):
     raise TypeError(
       f'{owner}: the experts need a stateless activation (a registry name or'
@@ -168,27 +81,6 @@ def check_options(
       f'{owner}: gated_product must be a (gate, up) -> hidden function or'
       f' None; got {gated_product!r}.'
     )
-  if router == 'softmax' and num_groups is not None:
-    raise ValueError(
-      f"{owner}: num_groups/groups_per_token need router='sigmoid'"
-      f" (DeepSeek-V3); got router='softmax', num_groups={num_groups}."
-    )
-  for name, value in (
-    ('num_groups', num_groups),
-    ('groups_per_token', groups_per_token),
-  ):
-    if value is not None:
-      check_positive_int(value, name, owner)
-  try:
-    routers.check_groups(num_groups, groups_per_token, e, k)
-  except ValueError as err:
-    raise ValueError(
-      f'{owner}: {str(err).removeprefix("top_k_routing: ")}'
-    ) from None
-  try:
-    routing_step.capacity_of(capacity_factor, 1, 1, 1)
-  except (TypeError, ValueError) as err:
-    raise type(err)(f'{owner}: {err}') from None
   if shared_hidden_features is not None:
     check_positive_int(shared_hidden_features, 'shared_hidden_features', owner)
   elif shared_expert_gate:
@@ -196,7 +88,7 @@ def check_options(
       f'{owner}: shared_expert_gate=True gates the shared expert, so it needs'
       ' shared_hidden_features; got shared_hidden_features=None.'
     )
-  return router, impl
+  return routing
 
 
 def stacked_init(init: Callable[..., Array]) -> Callable[..., Array]:
@@ -234,20 +126,27 @@ def expert_mesh() -> tuple[Any, str]:
   return mesh, axis
 
 
-class ExpertCall(Protocol):
-  """A Linen or NNX ``ExpertProjection``: its weights or its projection."""
+class Experts(Protocol):
+  """A Linen or NNX ``ExpertProjection``."""
+
+  def weights(self, dtype: Any) -> tuple[Any, Any]:
+    """``(kernel, bias)`` promoted to ``dtype`` (``bias`` may be ``None``)."""
+    ...
 
   def __call__(
-    self, dtype: Any, x: Array | None = None, *, bias_scale: Any = None
-  ) -> Any: ...
+    self, x: Array, *, dtype: Any, bias_scale: Array | None = None
+  ) -> Array:
+    """Every expert's projection of its rows ``x``, ``(rows, E, in)``."""
+    ...
 
 
 def routed(
   x: Array,
   logits: Array,
-  experts: Sequence[ExpertCall],
+  experts: Sequence[Experts],
   *,
-  settings: RoutingSettings,
+  routing: RoutingSettings,
+  product: Callable[[Array, Array], Array],
   score_correction_bias: Array | None,
   precision: Any,
   hooked: bool,
@@ -257,14 +156,15 @@ def routed(
   With impl ``'dense'`` (also what ``'auto'`` means under a ``dot_general``
   hook or a Qwix interception) each expert projection runs inside its own
   module, so a quantizer sees the matmul with the module's kernel;
-  otherwise the promoted kernels go to :func:`api.moe_ffn`'s grouped
-  matmul.
+  otherwise the promoted kernels go to :func:`api.routed_experts`'
+  grouped matmul.
 
   Args:
     x: ``(..., in)`` in the compute dtype.
     logits: ``(..., E)`` router logits (float32).
     experts: ``gate_proj``, ``up_proj`` and ``down_proj``.
-    settings: the routing options.
+    routing: the routing options.
+    product: the experts' ``(gate, up) -> hidden``.
     score_correction_bias: ``(E,)`` for the sigmoid router, else ``None``.
     precision: matmul precision.
     hooked: whether ``dot_general``/``dot_general_cls`` is set.
@@ -275,64 +175,53 @@ def routed(
   Raises:
     TypeError: for quantized (non-array) kernels with a grouped impl.
   """
-  s = settings
-  impl = api.resolve_impl(s.impl, hooked=hooked)
-  routing: dict[str, Any] = dict(
-    router=s.router,
-    normalize_weights=s.normalize_weights,
+  impl = resolve_impl(routing.impl, hooked=hooked)
+  lead, e = x.shape[:-1], logits.shape[-1]
+  tokens = x.reshape(-1, x.shape[-1])
+  mesh, axis = (None, 'expert') if impl == 'dense' else expert_mesh()
+  r = routing_step.route(
+    logits.reshape(-1, e),
+    routing,
     score_correction_bias=score_correction_bias,
-    routed_scaling_factor=s.routed_scaling_factor,
-    num_groups=s.num_groups,
-    groups_per_token=s.groups_per_token,
+    impl=impl,
+    mesh=mesh,
   )
-  prod = api.expert_product(s.activation, s.gated_product)
   if impl == 'dense':
-    lead, e = x.shape[:-1], logits.shape[-1]
-    r = routing_step.route(
-      logits.reshape(-1, e),
-      s.experts_per_token,
-      capacity_factor=s.capacity_factor,
+    projections = tuple(functools.partial(p, dtype=x.dtype) for p in experts)
+    y = r.dense_ffn(tokens, projections, product)
+  else:
+    kernels, biases = _grouped_weights(experts, x.dtype, impl)
+    y = api.routed_experts(
+      tokens,
+      r,
+      kernels,
+      biases,
+      gated_product=product,
       impl=impl,
-      tile_size=s.tile_size,
-      mesh=None,
-      **routing,
+      tile_size=routing.tile_size,
+      precision=precision,
+      dot_general=None,
+      mesh=mesh,
+      expert_axis=axis,
     )
-    gate, up, down = (functools.partial(p, x.dtype) for p in experts)
-    tokens = x.reshape(-1, x.shape[-1])
-    y = r.dense_ffn(tokens, (gate, up, down), prod)
-    a = r.aux(lead)
-    aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load)
-    return y.reshape(*lead, -1).astype(x.dtype), aux
-  (gk, gb), (uk, ub), (dk, db) = (p(x.dtype) for p in experts)
-  for name, kernel in zip(('gate', 'up', 'down'), (gk, uk, dk), strict=True):
+  a = r.aux(lead)
+  aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load)
+  return y.reshape(*lead, -1).astype(x.dtype), aux
+
+
+def _grouped_weights(experts: Sequence[Experts], dtype: Any, impl: str):
+  """``(kernels, biases)`` of the experts, each ``(gate, up, down)``."""
+  weights = [p.weights(dtype) for p in experts]
+  for name, (kernel, _) in zip(('gate', 'up', 'down'), weights, strict=True):
     if not isinstance(kernel, jax.Array):
       raise TypeError(
         f'MoE: the {name}_proj kernel is a {type(kernel).__name__}, not an'
         f' array; the grouped impl {impl!r} cannot compute with it. Use'
         " impl='auto' or 'dense' with quantized weights."
       )
-  mesh, axis = expert_mesh()
-  y, aux = api.moe_ffn(
-    x,
-    jax.ShapeDtypeStruct((x.shape[-1], logits.shape[-1]), jnp.float32),
-    gk,
-    uk,
-    dk,
-    experts_per_token=s.experts_per_token,
-    gate_bias=gb,
-    up_bias=ub,
-    down_bias=db,
-    gated_product=prod,
-    capacity_factor=s.capacity_factor,
-    impl=impl,
-    tile_size=s.tile_size,
-    precision=precision,
-    router_logits=logits,
-    mesh=mesh,
-    expert_axis=axis,
-    **routing,
-  )
-  return y, Aux(aux.load_balancing_loss, aux.router_z_loss, aux.expert_load)
+  kernels = tuple(w[0] for w in weights)
+  biases = tuple(w[1] for w in weights)
+  return kernels, biases
 
 
 def add_shared(y: Array, shared: Array, gate_logit: Array | None) -> Array:
@@ -340,8 +229,3 @@ def add_shared(y: Array, shared: Array, gate_logit: Array | None) -> Array:
   if gate_logit is not None:
     shared = jax.nn.sigmoid(gate_logit) * shared
   return y + shared.astype(y.dtype)
-
-
-def router_name(router: str) -> str:
-  """The normalised router name (``'softmax'`` or ``'sigmoid'``)."""
-  return normalise_choice(router, routers.ROUTERS, 'router', 'routers')

@@ -9,18 +9,62 @@ APIs run the same operations in the same order.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.typing import DotGeneralT, Dtype, PrecisionLike
+from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
 Array = jax.Array
 #: A class (or factory) whose instances are ``dot_general`` functions: one
 #: instance is made per projection, as ``nn.Dense(dot_general_cls=...)``.
 DotGeneralCls = Callable[[], DotGeneralT]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProjectionOptions:
+  """The options a layer passes to each of its projections.
+
+  One set for Linen and NNX: a layer builds it from its own options and
+  every projection it creates (dense, stacked expert, router, shared
+  expert) reads it.
+
+  Attributes:
+    use_bias: whether to add a bias.
+    param_dtype: the dtype of the parameters.
+    precision: matmul precision.
+    kernel_init: kernel initialiser (for a fused kernel it is applied per
+      half, with the unfused shape; for stacked experts per expert).
+    bias_init: bias initialiser.
+    dot_general: a :func:`jax.lax.dot_general` replacement or ``None``.
+    dot_general_cls: a class whose instance replaces ``dot_general``, one
+      instance per projection.
+  """
+
+  use_bias: bool
+  param_dtype: Dtype
+  precision: PrecisionLike
+  kernel_init: Initializer
+  bias_init: Initializer
+  dot_general: DotGeneralT | None = None
+  dot_general_cls: DotGeneralCls | None = None
+
+  @property
+  def hooked(self) -> bool:
+    """Whether a ``dot_general``/``dot_general_cls`` hook is set."""
+    return self.dot_general is not None or self.dot_general_cls is not None
+
+  def make_dot_general(self) -> DotGeneralT | None:
+    """A projection's own ``dot_general`` (a new ``dot_general_cls()``).
+
+    Without ``dot_general_cls``, ``dot_general`` itself.
+    """
+    if self.dot_general_cls is not None:
+      return self.dot_general_cls()
+    return self.dot_general
 
 
 def layer_dtype(x: Array, dtype: Dtype | None) -> np.dtype:

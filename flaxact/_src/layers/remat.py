@@ -11,24 +11,34 @@ recompute them by name:
 - ``'ffn_up'``: the up projection ``up_proj(x)``, ``(..., hidden_features)``;
 - ``'ffn_hidden'``: the hidden activation that feeds ``down_proj``
   (``act(gate) * up``, or ``act(up)`` in ``FFN``), before dropout;
-- ``'ffn_out'``: the layer output ``down_proj(...)``.
+- ``'ffn_out'``: the layer output ``down_proj(...)``;
+- ``'moe_gate'``, ``'moe_up'``: a ``MoE`` layer's expert gate and up
+  pre-activations, ``(rows, hidden_features)``.
 
 Memory-lean backward. With ``remat=True`` (the default) the layer body runs
 under a checkpoint (``nn.checkpoint`` in Linen, ``nnx.remat`` in NNX) with a
 policy that saves only ``'ffn_gate'`` and ``'ffn_up'`` (only ``'ffn_up'`` for
-``FFN``): the backward pass keeps two hidden-sized arrays per gated layer and
+``FFN``; ``'moe_gate'``, ``'moe_up'`` and the shared expert's two for
+``MoE``): the backward pass keeps two hidden-sized arrays per gated layer and
 recomputes the element-wise gated product, never a matmul. Autodiff of a
-hand-written gated FFN keeps six.
+hand-written gated FFN keeps six. Each layer class states the names it saves
+(``remat_names``); :func:`save_only` is the one way to make the policy.
 
 Examples:
   >>> from flaxact._src.layers import remat
-  >>> remat.CHECKPOINT_NAMES
-  ('ffn_gate', 'ffn_up', 'ffn_hidden', 'ffn_out')
+  >>> remat.ALL_CHECKPOINT_NAMES
+  ('ffn_gate', 'ffn_up', 'ffn_hidden', 'ffn_out', 'moe_gate', 'moe_up')
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import jax
+
+from flaxact._src.moe import dispatch
 
 #: Checkpoint name of the gate pre-activation ``gate_proj(x)``.
 GATE = 'ffn_gate'
@@ -38,10 +48,26 @@ UP = 'ffn_up'
 HIDDEN = 'ffn_hidden'
 #: Checkpoint name of the layer output.
 OUT = 'ffn_out'
-#: Every checkpoint name the FFN layers use.
+#: Every checkpoint name of the dense FFN layers (``FFN``, ``GatedFFN``).
 CHECKPOINT_NAMES = (GATE, UP, HIDDEN, OUT)
+#: Checkpoint name of a ``MoE`` layer's expert gate pre-activations.
+MOE_GATE = dispatch.GATE
+#: Checkpoint name of a ``MoE`` layer's expert up projections.
+MOE_UP = dispatch.UP
+#: Every checkpoint name a flaxact layer uses (the public
+#: ``flaxact.linen.CHECKPOINT_NAMES`` and ``flaxact.nnx.CHECKPOINT_NAMES``).
+ALL_CHECKPOINT_NAMES = (*CHECKPOINT_NAMES, MOE_GATE, MOE_UP)
 
-#: The checkpoint policy of the gated layers with ``remat=True``.
-GATED_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(GATE, UP)
-#: The checkpoint policy of ``FFN`` with ``remat=True``.
-FFN_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(UP)
+#: What the gated layers save with ``remat=True``.
+GATED_NAMES = (GATE, UP)
+#: What ``FFN`` saves with ``remat=True``.
+FFN_NAMES = (UP,)
+#: What ``MoE`` saves with ``remat=True``: its experts' and its shared
+#: expert's gate and up pre-activations.
+MOE_NAMES = (MOE_GATE, MOE_UP, GATE, UP)
+
+
+@functools.cache
+def save_only(names: tuple[str, ...]) -> Callable[..., Any]:
+  """The ``jax.checkpoint`` policy that saves only ``names``."""
+  return jax.checkpoint_policies.save_only_these_names(*names)

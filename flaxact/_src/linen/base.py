@@ -1,21 +1,21 @@
-"""The Linen layer base: projection, shared options, dropout, remat, repr.
+"""The Linen layer bases: projection, shared options, dropout, remat, repr.
 
 :class:`Projection` is the Dense-like sub-layer of every flaxact Linen layer
 (``gate_proj``, ``up_proj``, the fused ``gate_up_proj``, ``down_proj``).
-:class:`FFNBase` carries the options every FFN-like layer family shares, as
-typed dataclass fields, and the calls built on them: validation, the dropout
-key, the remat wrapper, building projections, the input-width check and a
-readable ``repr``. A new layer family subclasses it, declares its own
-positional fields and its ``activation`` default, and implements
-``_forward(x, key)`` (``nn.compact``); the base's ``__call__`` checks the
-input, draws the dropout key and runs ``_forward`` under remat with the
-class's ``remat_names``.
+:class:`LayerBase` carries the options every layer shares (the projection
+options, ``dtype``, ``remat``) as typed dataclass fields, and the calls
+built on them: building projections, the input-width check, the remat
+wrapper and a readable ``repr``. :class:`FFNBase` adds dropout and
+``activations_in_float32`` for the dense FFN layers (``MoE`` has neither).
+A new layer family subclasses one, declares its own positional fields and
+its ``activation`` default, and implements ``_forward(x, key)``
+(``nn.compact``); ``FFNBase.__call__`` checks the input, draws the dropout
+key and runs ``_forward`` under remat with the class's ``remat_names``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -27,7 +27,8 @@ from flax.linen import dtypes as linen_dtypes
 from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
 from flaxact._src.common import checks
-from flaxact._src.layers import ffn_body, projection
+from flaxact._src.layers import ffn_body, projection, remat
+from flaxact._src.layers.projection import ProjectionOptions
 
 Array = jax.Array
 
@@ -50,84 +51,59 @@ class Projection(nn.Module):
     features: the output shape: ``(out,)`` or the fused ``(2, out)``.
     kernel_axes: logical axis names of the kernel.
     bias_axes: logical axis names of the bias.
-    use_bias: whether to add a bias.
+    options: the projection options; ``dot_general_cls`` makes one
+      instance per projection (as ``nn.Dense``), so a Linen quantizer such
+      as AQT's ``AqtDotGeneral`` keeps its own state per projection.
     dtype: the compute dtype.
-    param_dtype: the dtype of the parameters.
-    precision: matmul precision.
-    kernel_init: kernel initialiser (for a fused kernel it is applied per
-      half, with the unfused shape).
-    bias_init: bias initialiser.
-    dot_general: a :func:`jax.lax.dot_general` replacement or ``None``.
-    dot_general_cls: a class whose instance replaces ``dot_general``; one
-      instance per projection (as ``nn.Dense``), so a Linen quantizer such as
-      AQT's ``AqtDotGeneral`` keeps its own state per projection.
     preferred_element_type: the matmul output dtype or ``None``.
   """
 
   features: tuple[int, ...]
   kernel_axes: tuple[Any, ...]
   bias_axes: tuple[Any, ...]
-  use_bias: bool
+  options: ProjectionOptions
   dtype: Dtype
-  param_dtype: Dtype
-  precision: PrecisionLike
-  kernel_init: Initializer
-  bias_init: Initializer
-  dot_general: DotGeneralT | None = None
-  dot_general_cls: projection.DotGeneralCls | None = None
   preferred_element_type: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Returns ``x @ kernel + bias``, shape ``(..., *features)``."""
-    init = self.kernel_init
+    o = self.options
+    init = o.kernel_init
     if len(self.features) == 2:
       init = projection.fused_kernel_init(init)
     kernel = self.param(
       'kernel',
       nn.with_logical_partitioning(init, self.kernel_axes),
       (x.shape[-1], *self.features),
-      self.param_dtype,
+      o.param_dtype,
     )
     bias = None
-    if self.use_bias:
+    if o.use_bias:
       bias = self.param(
         'bias',
-        nn.with_logical_partitioning(self.bias_init, self.bias_axes),
+        nn.with_logical_partitioning(o.bias_init, self.bias_axes),
         self.features,
-        self.param_dtype,
+        o.param_dtype,
       )
     x, kernel, bias = linen_dtypes.promote_dtype(
       x, kernel, bias, dtype=self.dtype
     )
-    dot_general = self.dot_general
-    if self.dot_general_cls is not None:
-      dot_general = self.dot_general_cls()
     return projection.project(
       x,
       kernel,
       bias,
-      precision=self.precision,
-      dot_general=dot_general,
+      precision=o.precision,
+      dot_general=o.make_dot_general(),
       preferred_element_type=self.preferred_element_type,
     )
 
 
-class FFNBase(nn.Module):
-  """Options, projections, dropout, remat and ``repr`` of the Linen layers.
-
-  Subclasses declare their positional fields (``hidden_features``, ...) and
-  ``activation`` with its default, and implement ``_forward(x, key)``
-  decorated with ``nn.compact``.
+class LayerBase(nn.Module):
+  """Projection options, input check, remat and ``repr`` of the Linen layers.
 
   Attributes:
     use_bias: add biases to the projections.
-    dropout_rate: dropout rate on the hidden activation (before
-      ``down_proj``).
-    dropout_broadcast_dims: dimensions of the hidden activation over which
-      one dropout mask is shared (as ``nn.Dropout``'s ``broadcast_dims``).
-    deterministic: default of the call's ``deterministic`` (only needed when
-      ``dropout_rate > 0``).
     dtype: the compute dtype; ``None`` (default) uses the input's dtype, so
       the output has the input's dtype.
     param_dtype: the dtype of the parameters (default float32).
@@ -141,25 +117,16 @@ class FFNBase(nn.Module):
     dot_general_cls: a class whose instances replace ``dot_general``, one
       instance per projection, as ``nn.Dense(dot_general_cls=...)``: e.g.
       ``functools.partial(aqt_flax.AqtDotGeneral, cfg)``.
-    activations_in_float32: for half-precision ``dtype``, the hidden-sized
-      projections return float32 and the element-wise part (activation,
-      product, dropout) runs in float32; the hidden activation is rounded
-      to ``dtype`` once, for ``down_proj``. The saved pre-activations are
-      then float32 (twice the memory). Holds under any ``dot_general``: the
-      projection's output is cast to float32 when a hook ignores
-      ``preferred_element_type``.
     remat: memory-lean backward: run the body under ``nn.checkpoint`` with a
-      policy that saves only the pre-activations (``'ffn_gate'``,
-      ``'ffn_up'``) and recomputes the element-wise part in the backward
-      pass. No matmul is recomputed. ``False`` gives plain autodiff (the
-      checkpoint names stay, for policies of the caller's own).
+      policy that saves only the pre-activations (the class's
+      ``remat_names``, e.g. ``'ffn_gate'``, ``'ffn_up'``) and recomputes the
+      element-wise part in the backward pass. No matmul is recomputed.
+      ``False`` gives plain autodiff (the checkpoint names stay, for
+      policies of the caller's own).
   """
 
   _: dataclasses.KW_ONLY
   use_bias: bool = False
-  dropout_rate: float = 0.0
-  dropout_broadcast_dims: Sequence[int] = ()
-  deterministic: bool | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   precision: PrecisionLike = None
@@ -167,7 +134,6 @@ class FFNBase(nn.Module):
   bias_init: Initializer = default_bias_init
   dot_general: DotGeneralT | None = None
   dot_general_cls: projection.DotGeneralCls | None = None
-  activations_in_float32: bool = False
   remat: bool = True
 
   #: Names of the projections whose kernels are ``(in_features, ...)``.
@@ -180,6 +146,142 @@ class FFNBase(nn.Module):
   #: Checkpoint names that :meth:`run` saves under remat (subclasses set
   #: theirs; see :mod:`flaxact._src.layers.remat`).
   remat_names: ClassVar[tuple[str, ...]] = ()
+
+  @property
+  def projection_options(self) -> ProjectionOptions:
+    """The options of every projection of this layer."""
+    return ProjectionOptions(
+      use_bias=self.use_bias,
+      param_dtype=self.param_dtype,
+      precision=self.precision,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+      dot_general=self.dot_general,
+      dot_general_cls=self.dot_general_cls,
+    )
+
+  @property
+  def hooked(self) -> bool:
+    """Whether a ``dot_general``/``dot_general_cls`` hook is set."""
+    return self.dot_general is not None or self.dot_general_cls is not None
+
+  def check_input(self, x: Any) -> Array:
+    """Checks ``x``: floating, rank >= 1, and once initialised, its width.
+
+    Raises:
+      TypeError: if ``x`` is not floating point.
+      ValueError: if the last axis of ``x`` differs from the input width of
+        the kernels the layer was initialised with.
+    """
+    name = type(self).__name__
+    in_features = None
+    params = self.variables.get('params', {}) if self.scope else {}
+    for proj in self.input_projections:
+      kernel = nn.unbox(params.get(proj, {}).get('kernel'))
+      shape = getattr(kernel, 'shape', None)
+      if shape:
+        in_features = int(shape[0])
+        break
+    return checks.check_layer_input(x, name, in_features)
+
+  def run(
+    self, forward: Callable[..., Any], x: Array, key: Array | None
+  ) -> Any:
+    """Calls the unbound method ``forward(self, x, key)``, under remat.
+
+    With ``remat`` the call runs under ``nn.checkpoint`` with the policy
+    that saves only the class's ``remat_names``.
+    """
+    if self.remat:
+      policy = remat.save_only(self.remat_names)
+      forward = nn.checkpoint(forward, policy=policy)
+    return forward(self, x, key)
+
+  def projection(
+    self,
+    name: str,
+    features: tuple[int, ...],
+    axes: tuple[tuple[Any, ...], tuple[Any, ...]],
+    dtype: Dtype,
+    preferred_element_type: Dtype | None = None,
+    *,
+    use_bias: bool | None = None,
+  ) -> Projection:
+    """A :class:`Projection` named ``name`` with this layer's options.
+
+    ``use_bias`` (when not ``None``) replaces the layer's.
+    """
+    options = self.projection_options
+    if use_bias is not None:
+      options = dataclasses.replace(options, use_bias=use_bias)
+    return Projection(
+      features=features,
+      kernel_axes=axes[0],
+      bias_axes=axes[1],
+      options=options,
+      dtype=dtype,
+      preferred_element_type=preferred_element_type,
+      name=name,
+    )
+
+  def repr_fields(self) -> list[dataclasses.Field]:
+    """The fields :meth:`__repr__` shows, in the order it shows them."""
+    fields = [
+      f
+      for f in dataclasses.fields(self)
+      if f.init and f.name not in ('parent', 'name', '_')
+    ]
+    fields.sort(key=lambda f: (bool(f.kw_only), f.name != 'activation'))
+    return fields
+
+  def __repr__(self) -> str:
+    """The constructor arguments, positional ones first.
+
+    The activation shows by its registry name.
+    """
+    parts = []
+    for f in self.repr_fields():
+      value = getattr(self, f.name)
+      if f.name == 'activation':
+        text = ffn_body.activation_name(value)
+      else:
+        text = short_repr(value)
+      parts.append(f'{f.name}={text}')
+    return f'{type(self).__name__}({", ".join(parts)})'
+
+
+class FFNBase(LayerBase):
+  """:class:`LayerBase` with dropout and ``activations_in_float32``.
+
+  The base of the dense FFN layers. Subclasses declare their positional
+  fields (``hidden_features``, ...) and ``activation`` with its default,
+  and implement ``_forward(x, key)`` decorated with ``nn.compact``.
+
+  Attributes:
+    dropout_rate: dropout rate on the hidden activation (before
+      ``down_proj``).
+    dropout_broadcast_dims: dimensions of the hidden activation over which
+      one dropout mask is shared (as ``nn.Dropout``'s ``broadcast_dims``).
+    deterministic: default of the call's ``deterministic`` (only needed when
+      ``dropout_rate > 0``).
+    activations_in_float32: for half-precision ``dtype``, the hidden-sized
+      projections return float32 and the element-wise part (activation,
+      product, dropout) runs in float32; the hidden activation is rounded
+      to ``dtype`` once, for ``down_proj``. The saved pre-activations are
+      then float32 (twice the memory). Holds under any ``dot_general``: the
+      projection's output is cast to float32 when a hook ignores
+      ``preferred_element_type``.
+
+  The other options (``use_bias``, ``dtype``, ``param_dtype``,
+  ``precision``, initialisers, ``dot_general``, ``dot_general_cls``,
+  ``remat``) are documented on :class:`LayerBase`.
+  """
+
+  _: dataclasses.KW_ONLY
+  dropout_rate: float = 0.0
+  dropout_broadcast_dims: Sequence[int] = ()
+  deterministic: bool | None = None
+  activations_in_float32: bool = False
 
   def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
     """Applies the layer.
@@ -201,8 +303,7 @@ class FFNBase(nn.Module):
     """
     x = self.check_input(x)
     key = self.dropout_key(deterministic)
-    forward = type(self)._forward
-    return self.run(forward, x, key, _save_only(self.remat_names))
+    return self.run(type(self)._forward, x, key)
 
   def _forward(self, x: Array, key: Array | None) -> Array:
     """The layer body; subclasses implement it (``nn.compact``)."""
@@ -222,25 +323,6 @@ class FFNBase(nn.Module):
         checks.check_positive_int(value, key, name)
     checks.check_dropout(self.dropout_rate, self.dropout_broadcast_dims, name)
     ffn_body.resolve_activation(activation, name)
-
-  def check_input(self, x: Any) -> Array:
-    """Checks ``x``: floating, rank >= 1, and once initialised, its width.
-
-    Raises:
-      TypeError: if ``x`` is not floating point.
-      ValueError: if the last axis of ``x`` differs from the input width of
-        the kernels the layer was initialised with.
-    """
-    name = type(self).__name__
-    in_features = None
-    params = self.variables.get('params', {}) if self.scope else {}
-    for proj in self.input_projections:
-      kernel = nn.unbox(params.get(proj, {}).get('kernel'))
-      shape = getattr(kernel, 'shape', None)
-      if shape:
-        in_features = int(shape[0])
-        break
-    return checks.check_layer_input(x, name, in_features)
 
   def dropout_key(self, deterministic: bool | None) -> Array | None:
     """The dropout key for this call, or ``None`` when no dropout applies.
@@ -273,74 +355,15 @@ class FFNBase(nn.Module):
       )
     return self.make_rng('dropout')
 
-  def run(
-    self,
-    forward: Callable[..., Array],
-    x: Array,
-    key: Array | None,
-    policy: Callable[..., Any],
-  ) -> Array:
-    """Calls the unbound method ``forward(self, x, key)``, under remat.
+  def repr_fields(self) -> list[dataclasses.Field]:
+    """The fields shown; the dropout options only when ``dropout_rate > 0``.
 
-    With ``remat`` the call runs under ``nn.checkpoint`` with ``policy``.
+    Where ``dropout_rate == 0`` they do nothing.
     """
-    if self.remat:
-      forward = nn.checkpoint(forward, policy=policy)
-    return forward(self, x, key)
-
-  def projection(
-    self,
-    name: str,
-    features: tuple[int, ...],
-    axes: tuple[tuple[Any, ...], tuple[Any, ...]],
-    dtype: Dtype,
-    preferred_element_type: Dtype | None = None,
-  ) -> Projection:
-    """A :class:`Projection` named ``name`` with this layer's options."""
-    return Projection(
-      features=features,
-      kernel_axes=axes[0],
-      bias_axes=axes[1],
-      use_bias=self.use_bias,
-      dtype=dtype,
-      param_dtype=self.param_dtype,
-      precision=self.precision,
-      kernel_init=self.kernel_init,
-      bias_init=self.bias_init,
-      dot_general=self.dot_general,
-      dot_general_cls=self.dot_general_cls,
-      preferred_element_type=preferred_element_type,
-      name=name,
-    )
-
-  def __repr__(self) -> str:
-    """The constructor arguments, positional ones first.
-
-    The activation shows by its registry name; the dropout options are left
-    out when ``dropout_rate == 0``, where they do nothing.
-    """
-    fields = [
-      f
-      for f in dataclasses.fields(self)
-      if f.init and f.name not in ('parent', 'name', '_')
-    ]
-    fields.sort(key=lambda f: (bool(f.kw_only), f.name != 'activation'))
-    parts = []
-    for f in fields:
-      if self.dropout_rate == 0 and f.name in _DROPOUT_FIELDS:
-        continue
-      value = getattr(self, f.name)
-      if f.name == 'activation':
-        text = ffn_body.activation_name(value)
-      else:
-        text = short_repr(value)
-      parts.append(f'{f.name}={text}')
-    return f'{type(self).__name__}({", ".join(parts)})'
-
-
-@functools.cache
-def _save_only(names: tuple[str, ...]) -> Callable[..., Any]:
-  return jax.checkpoint_policies.save_only_these_names(*names)
+    fields = super().repr_fields()
+    if self.dropout_rate == 0:
+      fields = [f for f in fields if f.name not in _DROPOUT_FIELDS]
+    return fields
 
 
 _DROPOUT_FIELDS = ('dropout_broadcast_dims', 'deterministic')

@@ -7,14 +7,17 @@ Each of ``gate_proj``, ``up_proj`` and ``down_proj`` is an
 Examples:
   >>> import jax, jax.numpy as jnp
   >>> import flax.linen as nn
+  >>> from flaxact._src.layers.projection import ProjectionOptions
   >>> from flaxact._src.linen.experts import ExpertProjection
+  >>> options = ProjectionOptions(
+  ...     use_bias=True, param_dtype=jnp.float32, precision=None,
+  ...     kernel_init=nn.initializers.lecun_normal(),
+  ...     bias_init=nn.initializers.zeros_init())
   >>> proj = ExpertProjection(
   ...     num_experts=4, in_features=16, features=32,
-  ...     axes=(('exp', 'embed', 'mlp'), ('exp', 'mlp')), use_bias=True,
-  ...     param_dtype=jnp.float32, kernel_init=nn.initializers.lecun_normal(),
-  ...     bias_init=nn.initializers.zeros_init())
+  ...     axes=(('exp', 'embed', 'mlp'), ('exp', 'mlp')), options=options)
   >>> (kernel, bias), variables = proj.init_with_output(
-  ...     jax.random.key(0), jnp.bfloat16)
+  ...     jax.random.key(0), jnp.bfloat16, method='weights')
   >>> kernel.shape, kernel.dtype, bias.shape
   ((4, 16, 32), dtype(bfloat16), (4, 32))
 """
@@ -26,10 +29,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 from flax.linen import dtypes as linen_dtypes
-from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
+from flax.typing import Dtype
 
 from flaxact._src.layers import moe_body
-from flaxact._src.layers.projection import DotGeneralCls
+from flaxact._src.layers.projection import ProjectionOptions
 from flaxact._src.moe.experts import dense
 
 Array = jax.Array
@@ -38,11 +41,11 @@ Array = jax.Array
 class ExpertProjection(nn.Module):
   """Stacked expert kernels ``(E, in, features)`` and biases ``(E, features)``.
 
-  Called with the compute dtype alone, returns ``(kernel, bias)`` passed
-  through ``flax.linen.dtypes.promote_dtype`` (``bias`` is ``None`` without
-  ``use_bias``) for the grouped matmul of :func:`flaxact.moe_ffn`. Called
-  with ``x`` too, returns every expert's projection of ``x`` (the
-  ``'dense'`` impl, :func:`flaxact._src.moe.experts.dense.project`): one
+  :meth:`weights` returns ``(kernel, bias)`` passed through
+  ``flax.linen.dtypes.promote_dtype`` (``bias`` is ``None`` without
+  ``use_bias``) for the grouped matmul of :func:`flaxact.moe_ffn`. Calling
+  the module returns every expert's projection of ``x`` (the ``'dense'``
+  impl, :func:`flaxact._src.moe.experts.dense.project`): one
   ``dot_general`` (or the hook; ``dot_general_cls`` makes one instance
   here, as ``nn.Dense``) with this module's kernel, run inside this module
   so that Qwix finds and quantizes it.
@@ -52,72 +55,64 @@ class ExpertProjection(nn.Module):
     in_features: the kernels' input width.
     features: the kernels' output width.
     axes: logical axis names ``(kernel axes, bias axes)``.
-    use_bias: whether to hold biases.
-    param_dtype: the parameters' dtype.
-    kernel_init: initialiser of one expert's ``(in, features)`` kernel.
-    bias_init: bias initialiser.
-    precision: matmul precision.
-    dot_general: a :func:`jax.lax.dot_general` replacement or ``None``.
-    dot_general_cls: a class whose instance replaces ``dot_general``.
+    options: the projection options (``kernel_init`` initialises one
+      expert's ``(in, features)`` kernel).
   """
 
   num_experts: int
   in_features: int
   features: int
   axes: tuple[tuple[Any, ...], tuple[Any, ...]]
-  use_bias: bool
-  param_dtype: Dtype
-  kernel_init: Initializer
-  bias_init: Initializer
-  precision: PrecisionLike = None
-  dot_general: DotGeneralT | None = None
-  dot_general_cls: DotGeneralCls | None = None
+  options: ProjectionOptions
 
-  @nn.compact
-  def __call__(
-    self,
-    dtype: Dtype,
-    x: Array | None = None,
-    *,
-    bias_scale: Array | None = None,
-  ) -> Any:
-    """``(kernel, bias)`` promoted to ``dtype``, or the projection of ``x``.
-
-    Args:
-      dtype: the compute dtype.
-      x: ``(rows, E, in)``: each expert's input rows.
-      bias_scale: ``(E, rows)`` routing weights of the bias.
-    """
-    e = self.num_experts
-    kernel = self.param(
+  def setup(self):
+    o, e = self.options, self.num_experts
+    self.kernel = self.param(
       'kernel',
       nn.with_logical_partitioning(
-        moe_body.stacked_init(self.kernel_init), self.axes[0]
+        moe_body.stacked_init(o.kernel_init), self.axes[0]
       ),
       (e, self.in_features, self.features),
-      self.param_dtype,
+      o.param_dtype,
     )
-    bias = None
-    if self.use_bias:
-      bias = self.param(
+    self.bias = None
+    if o.use_bias:
+      self.bias = self.param(
         'bias',
-        nn.with_logical_partitioning(self.bias_init, self.axes[1]),
+        nn.with_logical_partitioning(o.bias_init, self.axes[1]),
         (e, self.features),
-        self.param_dtype,
+        o.param_dtype,
       )
-    if x is None:
-      kernel, bias = linen_dtypes.promote_dtype(kernel, bias, dtype=dtype)
-      return kernel, bias
-    x, kernel, bias = linen_dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
-    assert x is not None  # promote_dtype keeps a given array
-    dot_general = self.dot_general
-    if self.dot_general_cls is not None:
-      dot_general = self.dot_general_cls()
+
+  def weights(self, dtype: Dtype) -> tuple[Any, Any]:
+    """``(kernel, bias)`` promoted to the compute dtype ``dtype``."""
+    kernel, bias = linen_dtypes.promote_dtype(
+      self.kernel, self.bias, dtype=dtype
+    )
+    return kernel, bias
+
+  @nn.compact  # a dot_general_cls instance may be a Linen module
+  def __call__(
+    self, x: Array, *, dtype: Dtype, bias_scale: Array | None = None
+  ) -> Array:
+    """Every expert's projection of its rows.
+
+    Args:
+      x: ``(rows, E, in)``: each expert's input rows.
+      dtype: the compute dtype.
+      bias_scale: ``(E, rows)`` routing weights of the bias.
+
+    Returns:
+      ``(E, rows, features)``.
+    """
+    x, kernel, bias = linen_dtypes.promote_dtype(
+      x, self.kernel, self.bias, dtype=dtype
+    )
     return dense.project(
       x,
       kernel,
       bias,
-      precision=self.precision,
-      dot_general=dot_general,
+      precision=self.options.precision,
+      dot_general=self.options.make_dot_general(),
       bias_scale=bias_scale,
     )

@@ -52,7 +52,7 @@ class FFN(FFNBase):
   activation: Activation = 'gelu'
   use_bias: bool = True
 
-  remat_names: ClassVar[tuple[str, ...]] = (remat.UP,)
+  remat_names: ClassVar[tuple[str, ...]] = remat.FFN_NAMES
 
   def __post_init__(self):
     self.validate_options(

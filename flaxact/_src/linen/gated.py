@@ -91,7 +91,7 @@ class GatedFFN(FFNBase):
   activation: Activation = 'silu'
   fused_gate_up: bool = False
 
-  remat_names: ClassVar[tuple[str, ...]] = (remat.GATE, remat.UP)
+  remat_names: ClassVar[tuple[str, ...]] = remat.GATED_NAMES
 
   def __post_init__(self):
     self.validate_options(

@@ -43,24 +43,21 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from flaxact._src.common import checks
-from flaxact._src.layers import ffn_body, moe_body, projection, sharding
+from flaxact._src.layers import moe_body, projection, remat, sharding
 from flaxact._src.linen import experts
-from flaxact._src.linen.base import FFNBase, Projection, short_repr
+from flaxact._src.linen.base import LayerBase
 from flaxact._src.linen.gated import GatedFFN
+from flaxact._src.moe.api import expert_product
+from flaxact._src.moe.experts.api import Impl
+from flaxact._src.moe.settings import Router, RoutingSettings
 
 Array = jax.Array
 
 #: The Linen collection of the sigmoid router's ``score_correction_bias``.
 STATS = 'batch_stats'
-_UNUSED = (
-  'dropout_rate',
-  'dropout_broadcast_dims',
-  'deterministic',
-  'activations_in_float32',
-)
 
 
-class MoE(FFNBase):
+class MoE(LayerBase):
   r"""A routed FFN (mixture of experts): ``k`` of ``E`` expert FFNs per token.
 
   .. math::
@@ -106,9 +103,9 @@ class MoE(FFNBase):
   experts' devices with all-to-all and no expert kernel is gathered. The
   shared options (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
   initialisers, ``dot_general``, ``dot_general_cls``, ``remat``) are the
-  attributes of the layers' base class, ``FFNBase`` (listed with this
-  layer's own in the API reference); dropout and
-  ``activations_in_float32`` are not supported by ``MoE``.
+  attributes of the layers' base class, ``LayerBase`` (listed with this
+  layer's own in the API reference); ``MoE`` has no dropout and no
+  ``activations_in_float32``.
 
   Attributes:
     hidden_features: each expert's hidden width (``'mlp'``).
@@ -155,8 +152,8 @@ class MoE(FFNBase):
     ValueError: for ``experts_per_token`` outside ``[1, num_experts]``, an
       unknown router or impl, a grouped impl with a ``dot_general`` hook,
       groups not dividing the experts,
-      ``capacity_factor <= 0``, dropout options, or (at the call) an input
-      of another width than the layer was initialised with.
+      ``capacity_factor <= 0``, or (at the call) an input of another width
+      than the layer was initialised with.
     TypeError: for integer input or a learnable activation module.
 
   References:
@@ -172,7 +169,7 @@ class MoE(FFNBase):
   out_features: int | None = None
   activation: str | Callable[..., Any] = 'silu'
   gated_product: Callable[[Array, Array], Array] | None = None
-  router: str = 'softmax'
+  router: Router | str = 'softmax'
   normalize_weights: bool = True
   routed_scaling_factor: float = 1.0
   num_groups: int | None = None
@@ -181,40 +178,48 @@ class MoE(FFNBase):
   shared_hidden_features: int | None = None
   shared_expert_gate: bool = False
   capacity_factor: float | None = None
-  impl: str = 'auto'
+  impl: Impl | str = 'auto'
   tile_size: int = 128
 
   input_projections: ClassVar[tuple[str, ...]] = ('router',)
+  remat_names: ClassVar[tuple[str, ...]] = remat.MOE_NAMES
 
   def __post_init__(self):
     name = type(self).__name__
     moe_body.check_options(
       name,
-      hidden_features=self.hidden_features,
+      self.routing,
       num_experts=self.num_experts,
-      experts_per_token=self.experts_per_token,
+      hidden_features=self.hidden_features,
       activation=self.activation,
       gated_product=self.gated_product,
-      router=self.router,
-      num_groups=self.num_groups,
-      groups_per_token=self.groups_per_token,
       shared_hidden_features=self.shared_hidden_features,
       shared_expert_gate=self.shared_expert_gate,
-      capacity_factor=self.capacity_factor,
-      impl=self.impl,
-      tile_size=self.tile_size,
       module_type=nn.Module,
-      hooked=self._hooked,
+      hooked=self.hooked,
     )
     if self.out_features is not None:
       checks.check_positive_int(self.out_features, 'out_features', name)
-    if self.dropout_rate != 0 or self.activations_in_float32:
-      raise ValueError(
-        f'{name} supports neither dropout nor activations_in_float32; got'
-        f' dropout_rate={self.dropout_rate},'
-        f' activations_in_float32={self.activations_in_float32}.'
-      )
     super().__post_init__()
+
+  @property
+  def routing(self) -> RoutingSettings:
+    """The routing options, router and impl names normalised.
+
+    Raises:
+      ValueError: for an unknown router or impl.
+    """
+    return RoutingSettings(
+      experts_per_token=self.experts_per_token,
+      router=self.router,
+      normalize_weights=self.normalize_weights,
+      routed_scaling_factor=self.routed_scaling_factor,
+      num_groups=self.num_groups,
+      groups_per_token=self.groups_per_token,
+      capacity_factor=self.capacity_factor,
+      impl=self.impl,
+      tile_size=self.tile_size,
+    ).normalised()
 
   def __call__(self, x: Array) -> Array:
     """Applies the layer and records its auxiliary outputs.
@@ -232,19 +237,12 @@ class MoE(FFNBase):
         initialised with.
     """
     x = self.check_input(x)
-    forward = cast(Callable[..., Array], MoE._forward)
-    out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
-    y, aux = cast(tuple[Array, moe_body.Aux], out)
+    y, aux = cast(tuple[Array, moe_body.Aux], self.run(MoE._forward, x, None))
     for name, value in zip(moe_body.RECORDED, aux, strict=True):
       self.sow('intermediates', name, value)
     return y
 
-  @property
-  def _hooked(self) -> bool:
-    """Whether a ``dot_general``/``dot_general_cls`` hook is set."""
-    return self.dot_general is not None or self.dot_general_cls is not None
-
-  def _experts(self, d: int, out: int):
+  def _experts(self, d: int, out: int) -> list[experts.ExpertProjection]:
     parts = (
       ('gate_proj', d, self.hidden_features, sharding.EXPERT_IN_PROJ_AXES),
       ('up_proj', d, self.hidden_features, sharding.EXPERT_IN_PROJ_AXES),
@@ -256,51 +254,27 @@ class MoE(FFNBase):
         in_features=n_in,
         features=n_out,
         axes=axes,
-        use_bias=self.use_bias,
-        param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init,
-        bias_init=self.bias_init,
-        precision=self.precision,
-        dot_general=self.dot_general,
-        dot_general_cls=self.dot_general_cls,
+        options=self.projection_options,
         name=name,
       )
       for name, n_in, n_out, axes in parts
     ]
-
-  def _projection(
-    self, name: str, features: int, *, use_bias: bool, dtype: Dtype
-  ):
-    """A ``(d, features)`` projection with the router's axis names."""
-    return Projection(
-      features=(features,),
-      kernel_axes=sharding.ROUTER_PROJ_AXES[0],
-      bias_axes=sharding.ROUTER_PROJ_AXES[1],
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=self.param_dtype,
-      precision=self.precision,
-      kernel_init=self.kernel_init,
-      bias_init=self.bias_init,
-      dot_general=self.dot_general,
-      dot_general_cls=self.dot_general_cls,
-      name=name,
-    )
 
   @nn.compact
   def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:
     del key  # no dropout
     dtype = projection.layer_dtype(x, self.dtype)
     out = self.out_features or x.shape[-1]
-    logits = self._projection(
+    routing = self.routing
+    logits = self.projection(
       'router',
-      self.num_experts,
+      (self.num_experts,),
+      sharding.ROUTER_PROJ_AXES,
+      jnp.promote_types(x.dtype, jnp.float32),
       use_bias=self.router_use_bias,
-      dtype=jnp.promote_types(x.dtype, jnp.float32),
     )(x)
-    router = moe_body.router_name(self.router)
     bias = None
-    if router == 'sigmoid':
+    if routing.router == 'sigmoid':
       bias = self.variable(
         STATS,
         'score_correction_bias',
@@ -308,16 +282,16 @@ class MoE(FFNBase):
         (self.num_experts,),
         jnp.float32,
       ).value
-    experts = self._experts(x.shape[-1], out)
     xc = x.astype(dtype)
     y, aux = moe_body.routed(
       xc,
       logits,
-      experts,
-      settings=moe_body.routing_settings(self, router=router),
+      self._experts(x.shape[-1], out),
+      routing=routing,
+      product=expert_product(self.activation, self.gated_product),
       score_correction_bias=bias,
       precision=self.precision,
-      hooked=self._hooked,
+      hooked=self.hooked,
     )
     if self.shared_hidden_features is not None:
       y = moe_body.add_shared(y, *self._shared(xc, out, dtype))
@@ -340,28 +314,16 @@ class MoE(FFNBase):
     )(x)
     gate = None
     if self.shared_expert_gate:
-      gate = self._projection(
-        'shared_expert_gate', 1, use_bias=False, dtype=dtype
+      gate = self.projection(
+        'shared_expert_gate',
+        (1,),
+        sharding.ROUTER_PROJ_AXES,
+        dtype,
+        use_bias=False,
       )(x)
     return shared, gate
 
-  def __repr__(self) -> str:
-    """The constructor arguments, without the dense-only options."""
-    fields = [
-      f
-      for f in dataclasses.fields(self)
-      if f.init and f.name not in ('parent', 'name', '_', *_UNUSED)
-    ]
-    base = {f.name for f in dataclasses.fields(FFNBase)}
-    fields.sort(
-      key=lambda f: (bool(f.kw_only), f.name != 'activation', f.name in base)
-    )
-    parts = []
-    for f in fields:
-      value = getattr(self, f.name)
-      if f.name == 'activation':
-        text = ffn_body.activation_name(value)
-      else:
-        text = short_repr(value)
-      parts.append(f'{f.name}={text}')
-    return f'{type(self).__name__}({", ".join(parts)})'
+  def repr_fields(self) -> list[dataclasses.Field]:
+    """The constructor arguments, the shared layer options last."""
+    base = {f.name for f in dataclasses.fields(LayerBase)}
+    return sorted(super().repr_fields(), key=lambda f: f.name in base)

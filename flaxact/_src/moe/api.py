@@ -29,11 +29,14 @@ from flaxact._src.activations.gated_product import (
 from flaxact._src.moe import dispatch
 from flaxact._src.moe.dispatch import MOE_REMAT_POLICY as MOE_REMAT_POLICY
 from flaxact._src.moe.experts import dense
+from flaxact._src.moe.experts.api import DEFAULT_TILE, Impl, resolve_impl
 from flaxact._src.moe.experts.parallel import expert_parallel_ffn
-from flaxact._src.moe.routing_step import DEFAULT_TILE, resolve_impl, route
 from flaxact._src.moe.routing_step import MoEAux as MoEAux
+from flaxact._src.moe.routing_step import Routed, route
+from flaxact._src.moe.settings import Router, RoutingSettings
 
 Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
 
 
 def _check_shapes(x, router_kernel, kernels, biases):
@@ -87,31 +90,31 @@ def expert_product(
 
 
 def moe_ffn(
-  x: Any,
-  router_kernel: Any,
-  gate_kernel: Any,
-  up_kernel: Any,
-  down_kernel: Any,
+  x: ArrayLike,
+  router_kernel: ArrayLike | jax.ShapeDtypeStruct,
+  gate_kernel: ArrayLike,
+  up_kernel: ArrayLike,
+  down_kernel: ArrayLike,
   *,
   experts_per_token: int,
-  router_bias: Any = None,
-  gate_bias: Any = None,
-  up_bias: Any = None,
-  down_bias: Any = None,
-  router: str = 'softmax',
+  router_bias: ArrayLike | None = None,
+  gate_bias: ArrayLike | None = None,
+  up_bias: ArrayLike | None = None,
+  down_bias: ArrayLike | None = None,
+  router: Router | str = 'softmax',
   normalize_weights: bool = True,
-  score_correction_bias: Any = None,
+  score_correction_bias: ArrayLike | None = None,
   routed_scaling_factor: float = 1.0,
   num_groups: int | None = None,
   groups_per_token: int | None = None,
   activation: str | Callable[[Array], Array] = 'silu',
   gated_product: Callable[[Array, Array], Array] | None = None,
   capacity_factor: float | None = None,
-  impl: str = 'auto',
+  impl: Impl | str = 'auto',
   tile_size: int = DEFAULT_TILE,
   precision: Any = None,
   dot_general: Callable[..., Array] | None = None,
-  router_logits: Any = None,
+  router_logits: ArrayLike | None = None,
   mesh: jax.sharding.Mesh | None = None,
   expert_axis: str = 'expert',
 ) -> tuple[Array, MoEAux]:
@@ -199,6 +202,17 @@ def moe_ffn(
     >>> y.shape, aux.expert_load.sum()
     ((6, 8), Array(12, dtype=int32))
   """
+  settings = RoutingSettings(
+    experts_per_token=experts_per_token,
+    router=router,
+    normalize_weights=normalize_weights,
+    routed_scaling_factor=routed_scaling_factor,
+    num_groups=num_groups,
+    groups_per_token=groups_per_token,
+    capacity_factor=capacity_factor,
+    impl=impl,
+    tile_size=tile_size,
+  )
   x = _as_input(x)
   kernels = tuple(jnp.asarray(a) for a in (gate_kernel, up_kernel, down_kernel))
   biases = tuple(
@@ -208,41 +222,74 @@ def moe_ffn(
   if router_logits is None:
     router_kernel = jnp.asarray(router_kernel)
   _check_shapes(x, router_kernel, kernels, biases)
-  impl = resolve_impl(impl, hooked=dot_general is not None)
-  lead, d = x.shape[:-1], x.shape[-1]
-  tokens = x.reshape(-1, d)
-  dot = jax.lax.dot_general if dot_general is None else dot_general
-  f32 = jnp.promote_types(x.dtype, jnp.float32)
-  if router_logits is not None:
-    logits = jnp.asarray(router_logits).reshape(tokens.shape[0], -1)
-    logits = logits.astype(f32)
-  else:
-    logits = dot(
-      tokens.astype(f32),
-      router_kernel.astype(f32),
-      (((1,), (0,)), ((), ())),
-      precision=precision,
+  resolved = resolve_impl(impl, hooked=dot_general is not None)
+  lead = x.shape[:-1]
+  tokens = x.reshape(-1, x.shape[-1])
+  if router_logits is None:
+    logits = _router_logits(
+      tokens, router_kernel, router_bias, precision, dot_general
     )
-    if router_bias is not None:
-      logits = logits + jnp.asarray(router_bias).astype(f32)[None]
+  else:
+    logits = jnp.asarray(router_logits).reshape(tokens.shape[0], -1)
+    logits = logits.astype(jnp.promote_types(x.dtype, jnp.float32))
   r = route(
     logits,
-    experts_per_token,
-    router=router,
-    normalize_weights=normalize_weights,
+    settings,
     score_correction_bias=score_correction_bias,
-    routed_scaling_factor=routed_scaling_factor,
-    num_groups=num_groups,
-    groups_per_token=groups_per_token,
-    capacity_factor=capacity_factor,
-    impl=impl,
-    tile_size=tile_size,
-    mesh=None if impl == 'dense' else mesh,
+    impl=resolved,
+    mesh=None if resolved == 'dense' else mesh,
   )
-  prod = expert_product(activation, gated_product)
   cast = lambda a: None if a is None else a.astype(x.dtype)
-  kernels: Any = tuple(map(cast, kernels))
-  biases: Any = tuple(map(cast, biases))
+  y = routed_experts(
+    tokens,
+    r,
+    tuple(map(cast, kernels)),
+    tuple(map(cast, biases)),
+    gated_product=expert_product(activation, gated_product),
+    impl=resolved,
+    tile_size=tile_size,
+    precision=precision,
+    dot_general=dot_general,
+    mesh=mesh,
+    expert_axis=expert_axis,
+  )
+  return y.reshape(*lead, -1), r.aux(lead)
+
+
+def _router_logits(tokens, kernel, bias, precision, dot_general) -> Array:
+  """``tokens @ kernel + bias`` in (at least) float32."""
+  f32 = jnp.promote_types(tokens.dtype, jnp.float32)
+  dot = jax.lax.dot_general if dot_general is None else dot_general
+  logits = dot(
+    tokens.astype(f32),
+    kernel.astype(f32),
+    (((1,), (0,)), ((), ())),
+    precision=precision,
+  )
+  if bias is not None:
+    logits = logits + jnp.asarray(bias).astype(f32)[None]
+  return logits
+
+
+def routed_experts(
+  tokens: Array,
+  r: Routed,
+  kernels: Any,
+  biases: Any,
+  *,
+  gated_product: Callable[[Array, Array], Array],
+  impl: str,
+  tile_size: int,
+  precision: Any,
+  dot_general: Callable[..., Array] | None,
+  mesh: jax.sharding.Mesh | None,
+  expert_axis: str,
+) -> Array:
+  """The weighted expert FFNs of ``(T, d)`` tokens routed as ``r``.
+
+  ``kernels`` and ``biases`` are ``(gate, up, down)`` in the compute dtype;
+  ``impl`` is resolved (not ``'auto'``).
+  """
   if impl == 'dense':
     gate, up, down = (
       functools.partial(
@@ -254,31 +301,29 @@ def moe_ffn(
       )
       for kernel, bias in zip(kernels, biases, strict=True)
     )
-    y = r.dense_ffn(tokens, (gate, up, down), prod)
-  elif mesh is None:
+    return r.dense_ffn(tokens, (gate, up, down), gated_product)
+  if mesh is None:
     assert r.layout is not None
-    y = dispatch.experts_ffn(
+    return dispatch.experts_ffn(
       tokens,
       r.kept_weights,
       r.layout,
       kernels,
       biases,
       impl=impl,
-      gated_product=prod,
+      gated_product=gated_product,
       precision=precision,
     )
-  else:
-    y = expert_parallel_ffn(
-      tokens,
-      r.kept_weights,
-      r.experts,
-      kernels,
-      biases,
-      mesh=mesh,
-      expert_axis=expert_axis,
-      impl=impl,
-      gated_product=prod,
-      precision=precision,
-      tile_size=tile_size,
-    )
-  return y.reshape(*lead, -1), r.aux(lead)
+  return expert_parallel_ffn(
+    tokens,
+    r.kept_weights,
+    r.experts,
+    kernels,
+    biases,
+    mesh=mesh,
+    expert_axis=expert_axis,
+    impl=impl,
+    gated_product=gated_product,
+    precision=precision,
+    tile_size=tile_size,
+  )

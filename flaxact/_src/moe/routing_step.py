@@ -4,43 +4,25 @@
 needs: the routing weights and experts, the assignments dropped over
 capacity, the sorted layout of the grouped impls (``None`` for ``'dense'``
 and under expert parallelism, which build their own) and the auxiliary
-outputs (:class:`MoEAux`). :func:`resolve_impl` picks the impl for
-``'auto'``.
+outputs (:class:`MoEAux`).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from flaxact._src.common.checks import normalise_choice
-from flaxact._src.common.interception import dot_general_intercepted
 from flaxact._src.moe import dispatch
 from flaxact._src.moe.experts import dense
-from flaxact._src.moe.experts import grouped as gm
-from flaxact._src.moe.routers import (
-  load_balancing_loss,
-  router_z_loss,
-  top_k_routing,
+from flaxact._src.moe.experts.api import (
+  GroupedImplUnderQuantizerWarning as GroupedImplUnderQuantizerWarning,
 )
+from flaxact._src.moe.routers import load_balancing_loss, router_z_loss
+from flaxact._src.moe.settings import RoutingSettings
 
 Array = jax.Array
-
-
-class GroupedImplUnderQuantizerWarning(UserWarning):
-  """A grouped experts impl ran where a quantizer intercepts matmuls."""
-
-
-#: Every ``impl`` value: the grouped impls, ``'dense'`` and ``'auto'``.
-IMPLS = (*gm.IMPLS, 'dense', 'auto')
-
-#: Default rows per tile of the ``'loop'`` and ``'tiles'`` impls.
-DEFAULT_TILE = 128
 
 
 class MoEAux(NamedTuple):
@@ -80,70 +62,6 @@ class MoEAux(NamedTuple):
   dropped_tokens: Array
   load_balancing_loss: Array
   router_z_loss: Array
-
-
-def resolve_impl(impl: str, *, hooked: bool = False) -> str:
-  """The experts impl that ``impl`` means here, at trace time.
-
-  ``'auto'`` is ``'dense'`` when the experts' matmuls must be visible to a
-  quantizer: ``hooked`` (a ``dot_general`` hook is set) or
-  ``jax.lax.dot_general`` intercepted (Qwix); otherwise ``'loop'`` on CPU
-  and ``'ragged'`` on GPU and TPU.
-
-  Args:
-    impl: ``'auto'``, ``'loop'``, ``'tiles'``, ``'ragged'`` or ``'dense'``.
-    hooked: whether a ``dot_general`` hook is set.
-
-  Raises:
-    ValueError: for an unknown impl, or a grouped impl with ``hooked``.
-
-  Warns:
-    GroupedImplUnderQuantizerWarning: a grouped impl given explicitly while
-      ``jax.lax.dot_general`` is intercepted.
-  """
-  impl = normalise_choice(impl, IMPLS, 'impl', 'impls')
-  if impl == 'auto':
-    if hooked or dot_general_intercepted():
-      return 'dense'
-    return 'loop' if jax.default_backend() == 'cpu' else 'ragged'
-  if hooked and impl != 'dense':
-    raise ValueError(
-      f"impl={impl!r} runs the experts in flaxact's grouped matmul, which a"
-      " dot_general hook cannot reach; use impl='auto' or 'dense' with"
-      ' dot_general/dot_general_cls.'
-    )
-  if impl != 'dense' and dot_general_intercepted():
-    warnings.warn(
-      f'MoE: impl={impl!r} while jax.lax.dot_general is intercepted (Qwix):'
-      " the experts' grouped matmul is not a quantization point, so their"
-      ' kernels stay float (and a QAT rule matching the MoE module itself'
-      ' fake-quantizes the grouped forward only). Use the default'
-      " impl='auto' (or 'dense') to quantize the experts; filter this"
-      ' warning if only the router or shared expert is meant.',
-      GroupedImplUnderQuantizerWarning,
-      stacklevel=2,
-    )
-  return impl
-
-
-def capacity_of(capacity_factor, tokens: int, k: int, num_experts: int):
-  """``ceil(capacity_factor * tokens * k / num_experts)``, or ``None``."""
-  if capacity_factor is None:
-    return None
-  if isinstance(capacity_factor, bool) or not isinstance(
-    capacity_factor, numbers.Real
-  ):
-    raise TypeError(
-      f'capacity_factor must be a positive number or None; got'
-      f' {capacity_factor!r}.'
-    )
-  capacity_factor = float(capacity_factor)
-  if not capacity_factor > 0:
-    raise ValueError(
-      f'capacity_factor must be positive (or None for dropless); got'
-      f' {capacity_factor}.'
-    )
-  return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
 
 
 class Routed(NamedTuple):
@@ -203,24 +121,20 @@ class Routed(NamedTuple):
 
 def route(
   logits: Array,
-  experts_per_token: int,
+  settings: RoutingSettings,
   *,
-  capacity_factor: float | None,
+  score_correction_bias: Any,
   impl: str,
-  tile_size: int,
   mesh: Any,
-  **routing: Any,
 ) -> Routed:
   """Top-k routing of ``(T, E)`` logits and, for grouped impls, the layout.
 
   Args:
     logits: ``(T, E)`` float32.
-    experts_per_token: ``k``.
-    capacity_factor: ``None`` (dropless) or a positive number.
+    settings: the routing options.
+    score_correction_bias: ``(E,)`` for the sigmoid router, or ``None``.
     impl: a resolved impl (not ``'auto'``).
-    tile_size: rows per tile of ``'loop'`` and ``'tiles'``.
     mesh: the expert-parallel mesh or ``None``.
-    **routing: the keyword arguments of :func:`top_k_routing`.
 
   Returns:
     The :class:`Routed`.
@@ -228,15 +142,15 @@ def route(
   Raises:
     ValueError: ``capacity_factor`` with a mesh (grouped impls).
   """
-  weights, experts = top_k_routing(logits, experts_per_token, **routing)
+  weights, experts = settings.top_k(logits, score_correction_bias)
   t, k = experts.shape
   e = logits.shape[-1]
-  capacity = capacity_of(capacity_factor, t, k, e)
+  capacity = settings.capacity(tokens=t, num_experts=e)
   if mesh is not None and impl != 'dense':
     if capacity is not None:
       raise ValueError(
         'moe_ffn: capacity_factor with expert parallelism (mesh=...) is not'
-        f' supported; got capacity_factor={capacity_factor}. Use the'
+        f' supported; got capacity_factor={settings.capacity_factor}. Use the'
         ' dropless default (capacity_factor=None) with a mesh.'
       )
     return Routed(logits, weights, experts, jnp.zeros((t, k), bool), None)
@@ -246,6 +160,6 @@ def route(
       rank = dense.expert_rank(experts.reshape(-1), e)
       dropped = (rank >= capacity).reshape(t, k)
     return Routed(logits, weights, experts, dropped, None, capacity)
-  tile = 1 if impl == 'ragged' else int(tile_size)
+  tile = 1 if impl == 'ragged' else int(settings.tile_size)
   layout = dispatch.make_layout(experts, e, tile, capacity)
   return Routed(logits, weights, experts, layout.dropped, layout, capacity)

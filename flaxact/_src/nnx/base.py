@@ -1,15 +1,17 @@
-"""The NNX layer base: projection, shared options, dropout, remat, repr.
+"""The NNX layer bases: projection, shared options, dropout, remat, repr.
 
 :class:`Projection` is the Linear-like sub-layer of every flaxact NNX layer
-(``gate_proj``, ``up_proj``, the fused ``gate_up_proj``, ``down_proj``);
-:class:`ProjectionOptions` is the typed set of options it is built from.
-:class:`FFNBase` keeps the options every FFN-like layer family shares and
-the calls built on them: the dropout key, the remat wrapper (``nnx.remat``,
-so state that a quantization library creates or updates inside the layer —
-Qwix's quantized weights, statistics, LoRA rng counts — crosses the remat
-boundary correctly), the dtype rule and a readable ``repr``. A new layer
-family subclasses it, calls :meth:`FFNBase.init_options` in its
-``__init__`` and :meth:`FFNBase.run` in its ``__call__``.
+(``gate_proj``, ``up_proj``, the fused ``gate_up_proj``, ``down_proj``),
+built from a :class:`~flaxact._src.layers.projection.ProjectionOptions`.
+:class:`LayerBase` keeps the options every layer shares (widths,
+activation, ``dtype``, ``remat``) and the calls built on them: the remat
+wrapper (``nnx.remat``, so state that a quantization library creates or
+updates inside the layer — Qwix's quantized weights, statistics, LoRA rng
+counts — crosses the remat boundary correctly) and a readable ``repr``.
+:class:`FFNBase` adds dropout and ``activations_in_float32`` for the dense
+FFN layers (``MoE`` has neither). A new layer family subclasses one, calls
+its ``init_options`` in ``__init__`` and :meth:`LayerBase.run` in
+``__call__``.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 from flax import nnx
 from flax.nnx import reprlib
 from flax.nnx.nn import dtypes as nnx_dtypes
-from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
+from flax.typing import Dtype
 
 from flaxact._src.common import checks
-from flaxact._src.layers import ffn_body, projection
+from flaxact._src.layers import ffn_body, projection, remat
+from flaxact._src.layers.projection import ProjectionOptions
 
 Array = jax.Array
 
@@ -36,31 +39,6 @@ Array = jax.Array
 default_kernel_init = nnx.initializers.lecun_normal()
 #: Default bias initialiser: zeros.
 default_bias_init = nnx.initializers.zeros_init()
-
-
-@dataclasses.dataclass(frozen=True)
-class ProjectionOptions:
-  """The options a layer passes to each of its projections.
-
-  Attributes:
-    use_bias: whether to add a bias.
-    param_dtype: the dtype of the parameters.
-    precision: matmul precision.
-    kernel_init: kernel initialiser (for a fused kernel it is applied per
-      half, with the unfused shape).
-    bias_init: bias initialiser.
-    dot_general: a :func:`jax.lax.dot_general` replacement or ``None``.
-    dot_general_cls: a class whose instance replaces ``dot_general``, one
-      instance per projection.
-  """
-
-  use_bias: bool
-  param_dtype: Dtype
-  precision: PrecisionLike
-  kernel_init: Initializer
-  bias_init: Initializer
-  dot_general: DotGeneralT | None
-  dot_general_cls: projection.DotGeneralCls | None
 
 
 def make_param(init, key, shape, dtype, axes) -> nnx.Param:
@@ -104,10 +82,7 @@ class Projection(nnx.Module):
     if len(features) == 2:
       init = projection.fused_kernel_init(init)
     self.precision = options.precision
-    dot_general = options.dot_general
-    if options.dot_general_cls is not None:
-      dot_general = options.dot_general_cls()
-    self.dot_general = dot_general
+    self.dot_general = options.make_dot_general()
     self.kernel = make_param(
       init,
       rngs.params(),
@@ -162,10 +137,89 @@ def _state_writable(module: nnx.Module) -> bool:
 _DROPOUT_ATTRS = ('dropout_broadcast_dims', 'deterministic', 'rngs')
 
 
-class FFNBase(nnx.Module):
-  """Options, dropout, remat and ``repr`` shared by the NNX layers.
+class LayerBase(nnx.Module):
+  """Widths, activation, dtype, remat and ``repr`` shared by the NNX layers.
 
-  The keyword arguments every flaxact NNX FFN layer takes:
+  Subclasses set ``remat_names`` (the checkpoint names :meth:`run` saves)
+  and call :meth:`init_layer` (or :meth:`FFNBase.init_options`).
+  """
+
+  #: Checkpoint names that :meth:`run` saves under remat (subclasses set
+  #: theirs; see :mod:`flaxact._src.layers.remat`).
+  remat_names: ClassVar[tuple[str, ...]] = ()
+
+  def init_layer(
+    self,
+    *,
+    in_features: int,
+    hidden_features: int,
+    out_features: int | None,
+    activation: str | Callable[..., Any],
+    dtype: Dtype | None,
+    remat: bool,
+  ) -> None:
+    """Checks and stores the widths, activation, dtype and remat.
+
+    Raises:
+      ValueError: for a width that is not a positive integer or an unknown
+        activation name.
+      TypeError: for an activation that is neither a name nor a callable.
+    """
+    name = type(self).__name__
+    self.in_features = checks.check_positive_int(
+      in_features, 'in_features', name
+    )
+    self.hidden_features = checks.check_positive_int(
+      hidden_features, 'hidden_features', name
+    )
+    if out_features is None:
+      out_features = in_features
+    self.out_features = checks.check_positive_int(
+      out_features, 'out_features', name
+    )
+    fn = ffn_body.resolve_activation(activation, name)
+    self.activation = activation if isinstance(activation, nnx.Module) else fn
+    self.dtype = dtype
+    self.remat = remat
+
+  def run(
+    self, forward: Callable[..., Any], x: Array, key: Array | None
+  ) -> Any:
+    """Calls ``forward(self, x, key)``; with ``remat``, under ``nnx.remat``.
+
+    The policy saves only the class's ``remat_names``. ``nnx.remat`` (not
+    ``jax.checkpoint`` over a closure of the module) lets the module's state
+    change inside the checkpointed call. Where a plain JAX transform
+    (``jax.jit``, ``jax.grad``) closes over the layer, its variables belong
+    to an outer trace and cannot be written back: there the call runs under
+    ``jax.checkpoint`` with the same policy.
+    """
+    if not self.remat:
+      return forward(self, x, key)
+    policy = remat.save_only(self.remat_names)
+    if _state_writable(self):
+      return nnx.remat(forward, policy=policy)(self, x, key)
+    closure = functools.partial(forward, self)
+    return jax.checkpoint(closure, policy=policy)(x, key)
+
+  def __nnx_repr__(self):
+    """Shows the activation by name."""
+    for item in super().__nnx_repr__():
+      if (
+        isinstance(item, reprlib.Attr)
+        and item.key == 'activation'
+        and not isinstance(self.activation, nnx.Module)
+      ):
+        item = dataclasses.replace(
+          item, value=ffn_body.ActivationName(self.activation)
+        )
+      yield item
+
+
+class FFNBase(LayerBase):
+  """:class:`LayerBase` with dropout and ``activations_in_float32``.
+
+  The keyword arguments every flaxact NNX dense FFN layer takes:
 
   Args:
     activation: the element-wise activation: a registry name (see
@@ -233,27 +287,19 @@ class FFNBase(nnx.Module):
         activation name or a dropout rate outside ``[0, 1]``.
       TypeError: for an activation that is neither a name nor a callable.
     """
-    name = type(self).__name__
-    self.in_features = checks.check_positive_int(
-      in_features, 'in_features', name
+    self.init_layer(
+      in_features=in_features,
+      hidden_features=hidden_features,
+      out_features=out_features,
+      activation=activation,
+      dtype=dtype,
+      remat=remat,
     )
-    self.hidden_features = checks.check_positive_int(
-      hidden_features, 'hidden_features', name
-    )
-    if out_features is None:
-      out_features = in_features
-    self.out_features = checks.check_positive_int(
-      out_features, 'out_features', name
-    )
-    fn = ffn_body.resolve_activation(activation, name)
-    self.activation = activation if isinstance(activation, nnx.Module) else fn
     self.dropout_rate, self.dropout_broadcast_dims = checks.check_dropout(
-      dropout_rate, dropout_broadcast_dims, name
+      dropout_rate, dropout_broadcast_dims, type(self).__name__
     )
     self.deterministic = deterministic
-    self.dtype = dtype
     self.activations_in_float32 = activations_in_float32
-    self.remat = remat
     stream = None
     if self.dropout_rate > 0:
       try:
@@ -307,38 +353,13 @@ class FFNBase(nnx.Module):
       ' use deterministic=True or layer.eval().'
     )
 
-  def run(
-    self,
-    forward: Callable[..., Array],
-    x: Array,
-    key: Array | None,
-    policy: Callable[..., Any],
-  ) -> Array:
-    """Calls ``forward(self, x, key)``; with ``remat``, under ``nnx.remat``.
-
-    ``nnx.remat`` (not ``jax.checkpoint`` over a closure of the module) lets
-    the module's state change inside the checkpointed call. Where a plain
-    JAX transform (``jax.jit``, ``jax.grad``) closes over the layer, its
-    variables belong to an outer trace and cannot be written back: there the
-    call runs under ``jax.checkpoint`` with the same policy.
-    """
-    if not self.remat:
-      return forward(self, x, key)
-    if _state_writable(self):
-      return nnx.remat(forward, policy=policy)(self, x, key)
-    closure = functools.partial(forward, self)
-    return jax.checkpoint(closure, policy=policy)(x, key)
-
   def __nnx_repr__(self):
-    """Shows the activation by name; hides dropout options when unused."""
+    """Hides the dropout options when ``dropout_rate == 0`` (unused)."""
     for item in super().__nnx_repr__():
-      if isinstance(item, reprlib.Attr):
-        if self.dropout_rate == 0 and item.key in _DROPOUT_ATTRS:
-          continue
-        if item.key == 'activation' and not isinstance(
-          self.activation, nnx.Module
-        ):
-          item = dataclasses.replace(
-            item, value=ffn_body.ActivationName(self.activation)
-          )
+      if (
+        isinstance(item, reprlib.Attr)
+        and self.dropout_rate == 0
+        and item.key in _DROPOUT_ATTRS
+      ):
+        continue
       yield item

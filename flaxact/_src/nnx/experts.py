@@ -8,17 +8,17 @@ which ``rngs`` key each one draws.
 Examples:
   >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
+  >>> from flaxact._src.layers.projection import ProjectionOptions
   >>> from flaxact._src.nnx import base as nnx_base
   >>> from flaxact._src.nnx.experts import ExpertProjection
-  >>> options = nnx_base.ProjectionOptions(
+  >>> options = ProjectionOptions(
   ...     use_bias=False, param_dtype=jnp.float32, precision=None,
   ...     kernel_init=nnx_base.default_kernel_init,
-  ...     bias_init=nnx_base.default_bias_init, dot_general=None,
-  ...     dot_general_cls=None)
+  ...     bias_init=nnx_base.default_bias_init)
   >>> proj = ExpertProjection(
   ...     4, 16, 32, axes=(('exp', 'embed', 'mlp'), ('exp', 'mlp')),
   ...     options=options, rngs=nnx.Rngs(0))
-  >>> kernel, bias = proj(jnp.bfloat16)
+  >>> kernel, bias = proj.weights(jnp.bfloat16)
   >>> kernel.shape, kernel.dtype, bias
   ((4, 16, 32), dtype(bfloat16), None)
 """
@@ -35,8 +35,9 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.typing import Dtype
 
 from flaxact._src.layers import moe_body, sharding
+from flaxact._src.layers.projection import ProjectionOptions
 from flaxact._src.moe.experts import dense
-from flaxact._src.nnx.base import Projection, ProjectionOptions, make_param
+from flaxact._src.nnx.base import Projection, make_param
 from flaxact._src.nnx.gated import GatedFFN
 
 Array = jax.Array
@@ -45,11 +46,11 @@ Array = jax.Array
 class ExpertProjection(nnx.Module):
   """Stacked expert kernels ``(E, in, features)`` and biases ``(E, features)``.
 
-  Called with the compute dtype alone, returns ``(kernel, bias)`` passed
-  through ``flax.nnx.nn.dtypes.promote_dtype`` (``bias`` is ``None``
-  without ``use_bias``) for the grouped matmul of :func:`flaxact.moe_ffn`.
-  Called with ``x`` too, returns every expert's projection of ``x`` (the
-  ``'dense'`` impl, :func:`flaxact._src.moe.experts.dense.project`): one
+  :meth:`weights` returns ``(kernel, bias)`` passed through
+  ``flax.nnx.nn.dtypes.promote_dtype`` (``bias`` is ``None`` without
+  ``use_bias``) for the grouped matmul of :func:`flaxact.moe_ffn`. Calling
+  the module returns every expert's projection of ``x`` (the ``'dense'``
+  impl, :func:`flaxact._src.moe.experts.dense.project`): one
   ``dot_general`` (or the ``dot_general`` hook) with this module's kernel,
   run inside this module so that Qwix finds and quantizes it.
 
@@ -75,10 +76,7 @@ class ExpertProjection(nnx.Module):
     init = moe_body.stacked_init(options.kernel_init)
     e, dt = num_experts, options.param_dtype
     self.precision = options.precision
-    dot_general = options.dot_general
-    if options.dot_general_cls is not None:
-      dot_general = options.dot_general_cls()
-    self.dot_general = dot_general
+    self.dot_general = options.make_dot_general()
     self.kernel = make_param(
       init, rngs.params(), (e, in_features, features), dt, axes[0]
     )
@@ -90,26 +88,28 @@ class ExpertProjection(nnx.Module):
     else:
       self.bias = nnx.data(None)
 
+  def weights(self, dtype: Dtype) -> tuple[Any, Any]:
+    """``(kernel, bias)`` promoted to the compute dtype ``dtype``."""
+    bias = None if self.bias is None else self.bias[...]
+    kernel, bias = nnx_dtypes.promote_dtype(
+      (self.kernel[...], bias), dtype=dtype
+    )
+    return kernel, bias
+
   def __call__(
-    self,
-    dtype: Dtype,
-    x: Array | None = None,
-    *,
-    bias_scale: Array | None = None,
-  ) -> Any:
-    """``(kernel, bias)`` promoted to ``dtype``, or the projection of ``x``.
+    self, x: Array, *, dtype: Dtype, bias_scale: Array | None = None
+  ) -> Array:
+    """Every expert's projection of its rows.
 
     Args:
-      dtype: the compute dtype.
       x: ``(rows, E, in)``: each expert's input rows.
+      dtype: the compute dtype.
       bias_scale: ``(E, rows)`` routing weights of the bias.
+
+    Returns:
+      ``(E, rows, features)``.
     """
     bias = None if self.bias is None else self.bias[...]
-    if x is None:
-      kernel, bias = nnx_dtypes.promote_dtype(
-        (self.kernel[...], bias), dtype=dtype
-      )
-      return kernel, bias
     x, kernel, bias = nnx_dtypes.promote_dtype(
       (x, self.kernel[...], bias), dtype=dtype
     )

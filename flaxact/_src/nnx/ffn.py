@@ -25,7 +25,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +34,10 @@ from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
 from flaxact._src.common import checks
 from flaxact._src.layers import ffn_body, remat, sharding
-from flaxact._src.layers.projection import DotGeneralCls
+from flaxact._src.layers.projection import DotGeneralCls, ProjectionOptions
 from flaxact._src.nnx.base import (
   FFNBase,
   Projection,
-  ProjectionOptions,
   default_bias_init,
   default_kernel_init,
 )
@@ -75,6 +74,8 @@ class FFN(FFNBase):
     >>> layer(jnp.ones((2, 16))).shape
     (2, 16)
   """
+
+  remat_names: ClassVar[tuple[str, ...]] = remat.FFN_NAMES
 
   def __init__(
     self,
@@ -159,7 +160,7 @@ class FFN(FFNBase):
     """
     x = checks.check_layer_input(x, type(self).__name__, self.in_features)
     key = self.dropout_key(deterministic, rngs)
-    return self.run(FFN._forward, x, key, remat.FFN_REMAT_POLICY)
+    return self.run(FFN._forward, x, key)
 
   def _forward(self, x: Array, key: Array | None) -> Array:
     dtype, hidden_dtype = self.dtypes(x)

@@ -192,7 +192,7 @@ def from_torch(
     >>> config = {'num_experts_per_tok': 2, 'n_group': 4, 'topk_group': 2}
     >>> moe = fx.from_torch(moe_state_dict, layout='deepseek_v3',
     ...                     config=config, routed_scaling_factor=1.0)
-    >>> moe.router_kind, moe.num_groups, moe.routed_scaling_factor
+    >>> moe.routing.router, moe.num_groups, moe.routed_scaling_factor
     ('sigmoid', 4, 1.0)
     >>> moe.score_correction_bias.shape
     (8,)

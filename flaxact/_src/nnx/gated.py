@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +12,10 @@ from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
 from flaxact._src.common import checks
 from flaxact._src.layers import ffn_body, projection, remat, sharding
-from flaxact._src.layers.projection import DotGeneralCls
+from flaxact._src.layers.projection import DotGeneralCls, ProjectionOptions
 from flaxact._src.nnx.base import (
   FFNBase,
   Projection,
-  ProjectionOptions,
   default_bias_init,
   default_kernel_init,
 )
@@ -67,6 +66,8 @@ class GatedFFN(FFNBase):
   See also:
     :class:`SwiGLU`, :class:`GeGLU`, :class:`ReGLU`, :class:`FFN`.
   """
+
+  remat_names: ClassVar[tuple[str, ...]] = remat.GATED_NAMES
 
   def __init__(
     self,
@@ -160,7 +161,7 @@ class GatedFFN(FFNBase):
     """
     x = checks.check_layer_input(x, type(self).__name__, self.in_features)
     key = self.dropout_key(deterministic, rngs)
-    return self.run(GatedFFN._forward, x, key, remat.GATED_REMAT_POLICY)
+    return self.run(GatedFFN._forward, x, key)
 
   def _forward(self, x: Array, key: Array | None) -> Array:
     dtype, hidden_dtype = self.dtypes(x)

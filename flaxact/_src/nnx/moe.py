@@ -34,33 +34,57 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast, overload
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx import reprlib
 from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
 from flaxact._src.common import checks
-from flaxact._src.layers import moe_body, sharding
-from flaxact._src.layers.projection import DotGeneralCls
+from flaxact._src.layers import moe_body, projection, remat, sharding
+from flaxact._src.layers.projection import DotGeneralCls, ProjectionOptions
+from flaxact._src.moe.api import expert_product
+from flaxact._src.moe.experts.api import Impl
+from flaxact._src.moe.settings import Router, RoutingSettings
 from flaxact._src.nnx import experts
 from flaxact._src.nnx.base import (
-  FFNBase,
+  LayerBase,
   Projection,
-  ProjectionOptions,
   default_bias_init,
   default_kernel_init,
 )
 from flaxact._src.nnx.gated import GatedFFN
 
 Array = jax.Array
+T = TypeVar('T')
 
-_HIDDEN = ('dropout_rate', 'activations_in_float32', 'rngs')
+
+class RoutingField(Generic[T]):
+  """A ``MoE`` attribute that reads and replaces one field of ``routing``.
+
+  ``layer.impl = 'loop'`` replaces ``layer.routing`` by a copy with the new
+  ``impl``; the settings stay one frozen object.
+  """
+
+  def __set_name__(self, owner: type, name: str) -> None:
+    self.name = name
+
+  @overload
+  def __get__(self, layer: None, owner: type) -> RoutingField[T]: ...
+  @overload
+  def __get__(self, layer: MoE, owner: type) -> T: ...
+  def __get__(self, layer, owner=None):
+    if layer is None:
+      return self
+    return getattr(layer.routing, self.name)
+
+  def __set__(self, layer: MoE, value: T) -> None:
+    changes = {self.name: value}
+    layer.routing = dataclasses.replace(layer.routing, **changes)
 
 
-class MoE(FFNBase):
+class MoE(LayerBase):
   r"""A routed FFN (mixture of experts): ``k`` of ``E`` expert FFNs per token.
 
   .. math::
@@ -175,6 +199,17 @@ class MoE(FFNBase):
     2024; DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024.
   """
 
+  remat_names: ClassVar[tuple[str, ...]] = remat.MOE_NAMES
+
+  experts_per_token = RoutingField[int]()
+  normalize_weights = RoutingField[bool]()
+  routed_scaling_factor = RoutingField[float]()
+  num_groups = RoutingField['int | None']()
+  groups_per_token = RoutingField['int | None']()
+  capacity_factor = RoutingField['float | None']()
+  impl = RoutingField[str]()
+  tile_size = RoutingField[int]()
+
   def __init__(
     self,
     in_features: int,
@@ -184,7 +219,7 @@ class MoE(FFNBase):
     *,
     activation: str | Callable[..., Any] = 'silu',
     gated_product: Callable[[Array, Array], Array] | None = None,
-    router: str = 'softmax',
+    router: Router | str = 'softmax',
     normalize_weights: bool = True,
     routed_scaling_factor: float = 1.0,
     num_groups: int | None = None,
@@ -202,55 +237,11 @@ class MoE(FFNBase):
     bias_init: Initializer = default_bias_init,
     dot_general: DotGeneralT | None = None,
     dot_general_cls: DotGeneralCls | None = None,
-    impl: str = 'auto',
+    impl: Impl | str = 'auto',
     tile_size: int = 128,
     remat: bool = True,
     rngs: nnx.Rngs,
   ):
-    self.hooked = dot_general is not None or dot_general_cls is not None
-    router, impl = moe_body.check_options(
-      type(self).__name__,
-      hidden_features=hidden_features,
-      num_experts=num_experts,
-      experts_per_token=experts_per_token,
-      activation=activation,
-      gated_product=gated_product,
-      router=router,
-      num_groups=num_groups,
-      groups_per_token=groups_per_token,
-      shared_hidden_features=shared_hidden_features,
-      shared_expert_gate=shared_expert_gate,
-      capacity_factor=capacity_factor,
-      impl=impl,
-      tile_size=tile_size,
-      module_type=nnx.Module,
-      hooked=self.hooked,
-    )
-    self.init_options(
-      in_features=in_features,
-      hidden_features=hidden_features,
-      out_features=out_features,
-      activation=activation,
-      dropout_rate=0.0,
-      dropout_broadcast_dims=(),
-      deterministic=True,
-      dtype=dtype,
-      activations_in_float32=False,
-      remat=remat,
-      rngs=rngs,
-    )
-    self.num_experts = int(num_experts)
-    self.experts_per_token = int(experts_per_token)
-    self.gated_product = gated_product
-    self.router_kind = router
-    self.normalize_weights = normalize_weights
-    self.routed_scaling_factor = routed_scaling_factor
-    self.num_groups = num_groups
-    self.groups_per_token = groups_per_token
-    self.capacity_factor = capacity_factor
-    self.impl = impl
-    self.tile_size = int(tile_size)
-    self.precision = precision
     options = ProjectionOptions(
       use_bias=use_bias,
       param_dtype=param_dtype,
@@ -260,6 +251,41 @@ class MoE(FFNBase):
       dot_general=dot_general,
       dot_general_cls=dot_general_cls,
     )
+    routing = RoutingSettings(
+      experts_per_token=experts_per_token,
+      router=router,
+      normalize_weights=normalize_weights,
+      routed_scaling_factor=routed_scaling_factor,
+      num_groups=num_groups,
+      groups_per_token=groups_per_token,
+      capacity_factor=capacity_factor,
+      impl=impl,
+      tile_size=tile_size,
+    )
+    self.hooked = options.hooked
+    self.routing = moe_body.check_options(
+      type(self).__name__,
+      routing,
+      num_experts=num_experts,
+      hidden_features=hidden_features,
+      activation=activation,
+      gated_product=gated_product,
+      shared_hidden_features=shared_hidden_features,
+      shared_expert_gate=shared_expert_gate,
+      module_type=nnx.Module,
+      hooked=self.hooked,
+    )
+    self.init_layer(
+      in_features=in_features,
+      hidden_features=hidden_features,
+      out_features=out_features,
+      activation=activation,
+      dtype=dtype,
+      remat=remat,
+    )
+    self.num_experts = int(num_experts)
+    self.gated_product = gated_product
+    self.precision = precision
     self._build(options, router_use_bias, rngs)
     self._build_shared(
       options, shared_hidden_features, shared_expert_gate, rngs
@@ -278,7 +304,7 @@ class MoE(FFNBase):
       d, self.hidden_features, self.out_features, e, options=options, rngs=rngs
     )
     self.score_correction_bias: nnx.BatchStat | None
-    if self.router_kind == 'sigmoid':
+    if self.routing.router == 'sigmoid':
       self.score_correction_bias = nnx.BatchStat(jnp.zeros((e,), jnp.float32))
     else:
       self.score_correction_bias = nnx.data(None)
@@ -316,9 +342,7 @@ class MoE(FFNBase):
       ValueError: if the last axis of ``x`` is not ``in_features``.
     """
     x = checks.check_layer_input(x, type(self).__name__, self.in_features)
-    forward = cast(Callable[..., Array], MoE._forward)
-    out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
-    y, aux = cast(tuple[Array, moe_body.Aux], out)
+    y, aux = cast(tuple[Array, moe_body.Aux], self.run(MoE._forward, x, None))
     if hasattr(self, '__captures__'):  # inside nnx.capture
       for name, value in zip(moe_body.RECORDED, aux, strict=True):
         self.sow(nnx.Intermediate, name, value)
@@ -326,7 +350,7 @@ class MoE(FFNBase):
 
   def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:
     del key  # no dropout
-    dtype, _ = self.dtypes(x)
+    dtype = projection.layer_dtype(x, self.dtype)
     logits = self.router(x, dtype=jnp.promote_types(x.dtype, jnp.float32))
     bias = self.score_correction_bias
     experts = (self.gate_proj, self.up_proj, self.down_proj)
@@ -335,7 +359,8 @@ class MoE(FFNBase):
       xc,
       logits,
       experts,
-      settings=moe_body.routing_settings(self, router=self.router_kind),
+      routing=self.routing,
+      product=expert_product(self.activation, self.gated_product),
       score_correction_bias=None if bias is None else bias[...],
       precision=self.precision,
       hooked=self.hooked,
@@ -349,10 +374,3 @@ class MoE(FFNBase):
         gate = self.shared_expert_gate(xc, dtype=dtype)
       y = moe_body.add_shared(y, shared, gate)
     return y, aux
-
-  def __nnx_repr__(self):
-    """Hides the dense-only options; shows the activation by name."""
-    for item in super().__nnx_repr__():
-      if isinstance(item, reprlib.Attr) and item.key in _HIDDEN:
-        continue
-      yield item

@@ -8,6 +8,7 @@ and the full signature of ``GatedFFN`` less ``activation``; passing
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax.numpy as jnp
 from flax import nnx
@@ -18,7 +19,62 @@ from flaxact._src.nnx.base import default_bias_init, default_kernel_init
 from flaxact._src.nnx.gated import GatedFFN
 
 
-class SwiGLU(GatedFFN):
+class GatedPreset(GatedFFN):
+  """:class:`GatedFFN` with the activation fixed to ``fixed_activation``.
+
+  The one signature of the presets: every argument of :class:`GatedFFN`
+  but ``activation``, with the same defaults.
+  """
+
+  #: The activation every instance uses.
+  fixed_activation: ClassVar[str]
+
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    out_features: int | None = None,
+    *,
+    use_bias: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_broadcast_dims: Sequence[int] = (),
+    deterministic: bool = False,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike = None,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    dot_general: DotGeneralT | None = None,
+    dot_general_cls: DotGeneralCls | None = None,
+    activations_in_float32: bool = False,
+    fused_gate_up: bool = False,
+    remat: bool = True,
+    rngs: nnx.Rngs,
+  ):
+    super().__init__(
+      in_features,
+      hidden_features,
+      out_features,
+      activation=self.fixed_activation,
+      use_bias=use_bias,
+      dropout_rate=dropout_rate,
+      dropout_broadcast_dims=dropout_broadcast_dims,
+      deterministic=deterministic,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      dot_general=dot_general,
+      dot_general_cls=dot_general_cls,
+      activations_in_float32=activations_in_float32,
+      fused_gate_up=fused_gate_up,
+      remat=remat,
+      rngs=rngs,
+    )
+
+
+class SwiGLU(GatedPreset):
   """The SwiGLU FFN of LLaMA, Mistral and PaLM: :class:`GatedFFN` with silu.
 
   Takes every argument of :class:`GatedFFN` except ``activation``, which
@@ -46,52 +102,10 @@ class SwiGLU(GatedFFN):
     https://arxiv.org/abs/2002.05202
   """
 
-  def __init__(
-    self,
-    in_features: int,
-    hidden_features: int,
-    out_features: int | None = None,
-    *,
-    use_bias: bool = False,
-    dropout_rate: float = 0.0,
-    dropout_broadcast_dims: Sequence[int] = (),
-    deterministic: bool = False,
-    dtype: Dtype | None = None,
-    param_dtype: Dtype = jnp.float32,
-    precision: PrecisionLike = None,
-    kernel_init: Initializer = default_kernel_init,
-    bias_init: Initializer = default_bias_init,
-    dot_general: DotGeneralT | None = None,
-    dot_general_cls: DotGeneralCls | None = None,
-    activations_in_float32: bool = False,
-    fused_gate_up: bool = False,
-    remat: bool = True,
-    rngs: nnx.Rngs,
-  ):
-    super().__init__(
-      in_features,
-      hidden_features,
-      out_features,
-      activation='silu',
-      use_bias=use_bias,
-      dropout_rate=dropout_rate,
-      dropout_broadcast_dims=dropout_broadcast_dims,
-      deterministic=deterministic,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      precision=precision,
-      kernel_init=kernel_init,
-      bias_init=bias_init,
-      dot_general=dot_general,
-      dot_general_cls=dot_general_cls,
-      activations_in_float32=activations_in_float32,
-      fused_gate_up=fused_gate_up,
-      remat=remat,
-      rngs=rngs,
-    )
+  fixed_activation = 'silu'
 
 
-class GeGLU(GatedFFN):
+class GeGLU(GatedPreset):
   """GeGLU FFN: :class:`GatedFFN` with the **exact** (erf) GELU.
 
   For the tanh form of T5.1.1 and Gemma use
@@ -118,52 +132,10 @@ class GeGLU(GatedFFN):
     (4, 8)
   """
 
-  def __init__(
-    self,
-    in_features: int,
-    hidden_features: int,
-    out_features: int | None = None,
-    *,
-    use_bias: bool = False,
-    dropout_rate: float = 0.0,
-    dropout_broadcast_dims: Sequence[int] = (),
-    deterministic: bool = False,
-    dtype: Dtype | None = None,
-    param_dtype: Dtype = jnp.float32,
-    precision: PrecisionLike = None,
-    kernel_init: Initializer = default_kernel_init,
-    bias_init: Initializer = default_bias_init,
-    dot_general: DotGeneralT | None = None,
-    dot_general_cls: DotGeneralCls | None = None,
-    activations_in_float32: bool = False,
-    fused_gate_up: bool = False,
-    remat: bool = True,
-    rngs: nnx.Rngs,
-  ):
-    super().__init__(
-      in_features,
-      hidden_features,
-      out_features,
-      activation='gelu',
-      use_bias=use_bias,
-      dropout_rate=dropout_rate,
-      dropout_broadcast_dims=dropout_broadcast_dims,
-      deterministic=deterministic,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      precision=precision,
-      kernel_init=kernel_init,
-      bias_init=bias_init,
-      dot_general=dot_general,
-      dot_general_cls=dot_general_cls,
-      activations_in_float32=activations_in_float32,
-      fused_gate_up=fused_gate_up,
-      remat=remat,
-      rngs=rngs,
-    )
+  fixed_activation = 'gelu'
 
 
-class ReGLU(GatedFFN):
+class ReGLU(GatedPreset):
   """ReGLU FFN: :class:`GatedFFN` with ReLU.
 
   Takes every argument of :class:`GatedFFN` except ``activation``, which
@@ -187,46 +159,4 @@ class ReGLU(GatedFFN):
     (128,)
   """
 
-  def __init__(
-    self,
-    in_features: int,
-    hidden_features: int,
-    out_features: int | None = None,
-    *,
-    use_bias: bool = False,
-    dropout_rate: float = 0.0,
-    dropout_broadcast_dims: Sequence[int] = (),
-    deterministic: bool = False,
-    dtype: Dtype | None = None,
-    param_dtype: Dtype = jnp.float32,
-    precision: PrecisionLike = None,
-    kernel_init: Initializer = default_kernel_init,
-    bias_init: Initializer = default_bias_init,
-    dot_general: DotGeneralT | None = None,
-    dot_general_cls: DotGeneralCls | None = None,
-    activations_in_float32: bool = False,
-    fused_gate_up: bool = False,
-    remat: bool = True,
-    rngs: nnx.Rngs,
-  ):
-    super().__init__(
-      in_features,
-      hidden_features,
-      out_features,
-      activation='relu',
-      use_bias=use_bias,
-      dropout_rate=dropout_rate,
-      dropout_broadcast_dims=dropout_broadcast_dims,
-      deterministic=deterministic,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      precision=precision,
-      kernel_init=kernel_init,
-      bias_init=bias_init,
-      dot_general=dot_general,
-      dot_general_cls=dot_general_cls,
-      activations_in_float32=activations_in_float32,
-      fused_gate_up=fused_gate_up,
-      remat=remat,
-      rngs=rngs,
-    )
+  fixed_activation = 'relu'

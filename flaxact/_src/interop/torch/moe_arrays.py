@@ -21,46 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from flaxact._src.interop.torch.tensors import describe_keys, to_numpy
+
 EXPERT_KEY = re.compile(r'experts\.(\d+)\.(.+)')
-
-
-def as_numpy(value: Any, key: str) -> np.ndarray:
-  """A torch tensor (duck-typed), JAX or numpy array as a numpy array.
-
-  Tensors whose dtype numpy cannot hold (``bfloat16``, ``float8_*``) are read
-  through ``.float()`` and cast back to the ``ml_dtypes`` type of that name,
-  which is exact.
-
-  Raises:
-    ValueError: for a dtype with no numpy or ``ml_dtypes`` equivalent.
-  """
-  if isinstance(value, np.ndarray):
-    return value
-  if hasattr(value, 'detach') and hasattr(value, 'numpy'):
-    tensor = value.detach()
-    tensor = tensor.cpu() if hasattr(tensor, 'cpu') else tensor
-    try:
-      return np.asarray(tensor.numpy())
-    except TypeError:  # e.g. torch.bfloat16
-      name = str(getattr(tensor, 'dtype', '')).removeprefix('torch.')
-      target = getattr(ml_dtypes, name, None)
-      if target is None or not hasattr(tensor, 'float'):
-        raise ValueError(
-          f'state_dict[{key!r}] has dtype {name!r}, which has no numpy'
-          ' equivalent; convert it first, e.g. tensor.float().'
-        ) from None
-      return np.asarray(tensor.float().numpy()).astype(target)
-  return np.asarray(value)
-
-
-def describe(keys: list[str], limit: int = 10) -> str:
-  """``['a', 'b', ... (n more)]`` for an error message."""
-  shown = ', '.join(map(repr, keys[:limit]))
-  more = f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''
-  return f'[{shown}{more}]'
 
 
 class Reader:
@@ -91,7 +56,7 @@ class Reader:
     self.used.add(key)
     if key not in self._arrays:
       value = self.state_dict[self.local[key]]
-      self._arrays[key] = as_numpy(value, self.shown(key))
+      self._arrays[key] = to_numpy(value, self.shown(key))
     arr = self._arrays[key]
     if not jnp.issubdtype(arr.dtype, jnp.floating):
       raise ValueError(
@@ -218,7 +183,7 @@ def read_per_expert(
   if missing:
     raise ValueError(
       f'state dict for layout {reader.layout!r} ({num_experts} experts,'
-      f' per-expert keys) is missing key(s) {describe(missing)}.'
+      f' per-expert keys) is missing key(s) {describe_keys(missing)}.'
     )
   gate_name, up_name, down_name = names
   hidden = out = None

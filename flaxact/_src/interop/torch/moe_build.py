@@ -10,12 +10,12 @@ never imported.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from flaxact._src.activations.gpt_oss import gpt_oss_glu
+from flaxact._src.common.checks import match_choice
 from flaxact._src.interop.torch.build import (
   check_activation,
   check_layer_kwargs,
@@ -81,19 +81,12 @@ def resolve_any_layout(layout: Any) -> tuple[str, bool]:
     ValueError: for a value that is not a layout name; the message names the
       closest layout of either kind and lists both kinds.
   """
-  dense, moe = sorted(LAYOUTS), sorted(MOE_LAYOUTS)
-  key = (
-    layout.strip().lower().replace('-', '_') if isinstance(layout, str) else ''
+  name, heading = match_choice(
+    layout,
+    {'Dense FFN layouts': LAYOUTS, 'routed FFN (MoE) layouts': MOE_LAYOUTS},
+    'layout',
   )
-  if key in LAYOUTS or key in MOE_LAYOUTS:
-    return key, key in MOE_LAYOUTS
-  close = difflib.get_close_matches(key, dense + moe, n=1) if key else []
-  hint = f' Did you mean {close[0]!r}?' if close else ''
-  raise ValueError(
-    f'unknown layout {layout!r}.{hint} Dense FFN layouts:'
-    f' {", ".join(map(repr, dense))}; routed FFN (MoE) layouts:'
-    f' {", ".join(map(repr, moe))}.'
-  )
+  return name, heading != 'Dense FFN layouts'
 
 
 def routing_overrides(

@@ -27,6 +27,7 @@ import numpy as np
 from flaxact._src.common.checks import normalise_choice
 from flaxact._src.interop.torch import moe_arrays as arrays_lib
 from flaxact._src.interop.torch import moe_settings as settings_lib
+from flaxact._src.interop.torch.tensors import describe_keys
 
 _PROJ = ('gate_proj', 'up_proj', 'down_proj')
 
@@ -116,9 +117,9 @@ def _experts(reader: arrays_lib.Reader, spec: MoELayout):
     missing = [reader.shown(k) for k in want if not reader.has(k)]
     raise ValueError(
       f'state dict for layout {reader.layout!r} is missing key(s)'
-      f' {arrays_lib.describe(missing)}{alternative}.'
+      f' {describe_keys(missing)}{alternative}.'
       f'{arrays_lib.missing_hint(reader, spec.router_key)} It has keys'
-      f' {arrays_lib.describe([str(k) for k in reader.state_dict])}.'
+      f' {describe_keys([str(k) for k in reader.state_dict])}.'
     )
   if stacked and indices:
     raise ValueError(
@@ -213,7 +214,7 @@ def _check_unused(reader: arrays_lib.Reader, spec: MoELayout) -> None:
     else ''
   )
   raise ValueError(
-    f'unexpected key(s) {arrays_lib.describe(unused)} for layout'
+    f'unexpected key(s) {describe_keys(unused)} for layout'
     f" {reader.layout!r}.{hint} Pass only the MoE block's state dict,"
     ' select it with prefix=, or pass strict=False to ignore other keys.'
   )

@@ -27,13 +27,11 @@ from flaxact._src.interop.torch.layouts import (
   resolve_layout,
   same_keys_other_orientation,
 )
-from flaxact._src.interop.torch.tensors import to_numpy
+from flaxact._src.interop.torch.tensors import describe_keys, to_numpy
 
 
-def _describe_keys(keys: list[str], limit: int = 12) -> str:
-  shown = ', '.join(map(repr, keys[:limit]))
-  more = f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''
-  return f'[{shown}{more}]'
+def _keys(keys: list[str]) -> str:
+  return describe_keys(keys, limit=12)
 
 
 def _alias(a: Layout, b: Layout) -> bool:
@@ -101,20 +99,20 @@ def select_keys(
       found = [prefix + k for k in spec.bias_keys() if k in local]
       why = (
         f' Layout {name!r} takes a bias on every projection or on none;'
-        f' found {_describe_keys(found)}.'
+        f' found {_keys(found)}.'
       )
     raise ValueError(
       f'state dict for layout {name!r} is missing key(s)'
-      f' {_describe_keys(missing)}.{why}{_missing_hint(name, all_keys)} It'
-      f' has keys {_describe_keys(all_keys)}.'
+      f' {_keys(missing)}.{why}{_missing_hint(name, all_keys)} It'
+      f' has keys {_keys(all_keys)}.'
     )
   unexpected = [
     local[k] for k in local if k not in expected and k not in spec.ignored
   ]
   if unexpected and strict:
     raise ValueError(
-      f'unexpected key(s) {_describe_keys(unexpected)} for layout {name!r},'
-      f' which reads {_describe_keys([prefix + k for k in expected])}. Pass'
+      f'unexpected key(s) {_keys(unexpected)} for layout {name!r},'
+      f' which reads {_keys([prefix + k for k in expected])}. Pass'
       " only the FFN's state dict, select it with prefix=, or pass"
       ' strict=False to ignore other keys.'
     )

@@ -61,3 +61,15 @@ def to_numpy(value: Any, key: str = 'value') -> np.ndarray:
         ) from None
       return np.asarray(tensor.float().numpy()).astype(target)
   return np.asarray(value)
+
+
+def describe_keys(keys: list[str], limit: int = 10) -> str:
+  """``['a', 'b', ... (n more)]`` for an error message.
+
+  Examples:
+    >>> describe_keys(['a', 'b', 'c'], limit=2)
+    "['a', 'b', ... (1 more)]"
+  """
+  shown = ', '.join(map(repr, keys[:limit]))
+  more = f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''
+  return f'[{shown}{more}]'

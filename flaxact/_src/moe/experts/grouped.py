@@ -33,8 +33,6 @@ import jax.numpy as jnp
 Array = jax.Array
 Product = Callable[[Array, Array], Array]
 
-IMPLS = ('loop', 'ragged', 'tiles')
-
 
 def _dot(a, b, precision, contract=((1,), (0,)), batch=((), ())):
   return jax.lax.dot_general(a, b, (contract, batch), precision=precision)
