@@ -107,11 +107,23 @@ def routing_settings(layer: RoutingOptions, *, router: str) -> RoutingSettings:
 
 
 class Aux(NamedTuple):
-  """What a ``MoE`` call records (see :data:`RECORDED`)."""
+  """What a ``MoE`` call records (see :data:`RECORDED`).
+
+  ``dropped_assignments`` (``()`` int32, assignments dropped over capacity)
+  is recorded too when the layer has a ``capacity_factor``.
+  """
 
   load_balancing_loss: Array
   router_z_loss: Array
   expert_load: Array
+  dropped_assignments: Array | None = None
+
+  def recorded(self) -> dict[str, Array]:
+    """The values to record by name (:data:`RECORDED`, and the drops)."""
+    out = {name: getattr(self, name) for name in RECORDED}
+    if self.dropped_assignments is not None:
+      out['dropped_assignments'] = self.dropped_assignments
+    return out
 
 
 def check_options(
@@ -300,9 +312,8 @@ def routed(
     gate, up, down = (functools.partial(p, x.dtype) for p in experts)
     tokens = x.reshape(-1, x.shape[-1])
     y = r.dense_ffn(tokens, (gate, up, down), prod)
-    a = r.aux(lead)
-    aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load)
-    return y.reshape(*lead, -1).astype(x.dtype), aux
+    aux = _aux(r.aux(lead), s.capacity_factor)
+    return y.reshape(*lead, y.shape[-1]).astype(x.dtype), aux
   (gk, gb), (uk, ub), (dk, db) = (p(x.dtype) for p in experts)
   for name, kernel in zip(('gate', 'up', 'down'), (gk, uk, dk), strict=True):
     if not isinstance(kernel, jax.Array):
@@ -332,7 +343,14 @@ def routed(
     expert_axis=axis,
     **routing,
   )
-  return y, Aux(aux.load_balancing_loss, aux.router_z_loss, aux.expert_load)
+  return y, _aux(aux, s.capacity_factor)
+
+
+def _aux(aux: routing_step.MoEAux, capacity_factor: Any) -> Aux:
+  dropped = None if capacity_factor is None else aux.dropped_tokens
+  return Aux(
+    aux.load_balancing_loss, aux.router_z_loss, aux.expert_load, dropped
+  )
 
 
 def add_shared(y: Array, shared: Array, gate_logit: Array | None) -> Array:

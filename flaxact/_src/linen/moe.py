@@ -215,11 +215,13 @@ class MoE(FFNBase):
       )
     super().__post_init__()
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
     """Applies the layer and records its auxiliary outputs.
 
     Args:
       x: input of shape ``(..., in_features)``, floating dtype.
+      deterministic: accepted for a drop-in swap with the dense FFNs; the
+        layer has no randomness, so it changes nothing.
 
     Returns:
       An array of shape ``(..., out_features)`` in ``dtype`` (by default the
@@ -233,8 +235,9 @@ class MoE(FFNBase):
     x = self.check_input(x)
     forward = cast(Callable[..., Array], MoE._forward)
     out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
+    del deterministic  # no dropout or noise
     y, aux = cast(tuple[Array, moe_body.Aux], out)
-    for name, value in zip(moe_body.RECORDED, aux, strict=True):
+    for name, value in aux.recorded().items():
       self.sow('intermediates', name, value)
     return y
 

@@ -30,7 +30,12 @@ from flaxact._src.moe import dispatch
 from flaxact._src.moe.dispatch import MOE_REMAT_POLICY as MOE_REMAT_POLICY
 from flaxact._src.moe.experts import dense
 from flaxact._src.moe.experts.parallel import expert_parallel_ffn
-from flaxact._src.moe.routing_step import DEFAULT_TILE, resolve_impl, route
+from flaxact._src.moe.routing_step import (
+  DEFAULT_TILE,
+  resolve_impl,
+  route,
+  transform_impl,
+)
 from flaxact._src.moe.routing_step import MoEAux as MoEAux
 
 Array = jax.Array
@@ -211,12 +216,23 @@ def moe_ffn(
     router_kernel = jnp.asarray(router_kernel)
   _check_shapes(x, router_kernel, kernels, biases)
   impl = resolve_impl(impl, hooked=dot_general is not None)
+  impl, lean = transform_impl(
+    impl,
+    x,
+    router_kernel,
+    router_bias,
+    router_logits,
+    kernels,
+    biases,
+    score_correction_bias,
+  )
   lead, d = x.shape[:-1], x.shape[-1]
   tokens = x.reshape(-1, d)
   dot = jax.lax.dot_general if dot_general is None else dot_general
   f32 = jnp.promote_types(x.dtype, jnp.float32)
   if router_logits is not None:
-    logits = jnp.asarray(router_logits).reshape(tokens.shape[0], -1)
+    e = router_kernel.shape[-1]
+    logits = jnp.asarray(router_logits).reshape(tokens.shape[0], e)
     logits = logits.astype(f32)
   else:
     logits = dot(
@@ -245,7 +261,9 @@ def moe_ffn(
   cast = lambda a: None if a is None else a.astype(x.dtype)
   kernels: Any = tuple(map(cast, kernels))
   biases: Any = tuple(map(cast, biases))
-  if impl == 'dense':
+  if not tokens.shape[0]:  # no tokens: no output rows, zero gradients
+    y = jnp.zeros((0, kernels[2].shape[-1]), x.dtype)
+  elif impl == 'dense':
     gate, up, down = (
       functools.partial(
         dense.project,
@@ -268,6 +286,7 @@ def moe_ffn(
       impl=impl,
       gated_product=prod,
       precision=precision,
+      lean=lean,
     )
   else:
     y = expert_parallel_ffn(
@@ -282,5 +301,6 @@ def moe_ffn(
       gated_product=prod,
       precision=precision,
       tile_size=tile_size,
+      lean=lean,
     )
-  return y.reshape(*lead, -1), r.aux(lead)
+  return y.reshape(*lead, y.shape[-1]), r.aux(lead)

@@ -10,6 +10,7 @@ outputs (:class:`MoEAux`). :func:`resolve_impl` picks the impl for
 
 from __future__ import annotations
 
+import fractions
 import math
 import numbers
 import warnings
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from flaxact._src.common.checks import normalise_choice
 from flaxact._src.common.interception import dot_general_intercepted
+from flaxact._src.common.tracing import transforms
 from flaxact._src.moe import dispatch
 from flaxact._src.moe.experts import dense
 from flaxact._src.moe.experts import grouped as gm
@@ -126,8 +128,37 @@ def resolve_impl(impl: str, *, hooked: bool = False) -> str:
   return impl
 
 
+def transform_impl(impl: str, *arrays: Any) -> tuple[str, bool]:
+  """The grouped impl to run under the transforms tracing ``arrays``.
+
+  Returns ``(impl, lean)``; ``lean`` is whether the experts may run under
+  their ``custom_vjp`` (the memory-lean backward). Under forward-mode
+  autodiff (``jax.jvp``, ``jax.jacfwd``; a ``custom_vjp`` has no JVP) every
+  grouped impl runs as ``'tiles'`` differentiated by plain autodiff, and
+  under ``vmap`` ``'ragged'`` runs as ``'tiles'`` (``lax.ragged_dot`` has no
+  batching rule for an unbatched kernel). The results are the same.
+
+  Args:
+    impl: a resolved impl.
+    *arrays: the inputs of the routed FFN (pytrees; ``None`` is fine).
+  """
+  if impl not in gm.IMPLS:
+    return impl, True
+  found = transforms(*arrays)
+  if 'jvp' in found:
+    return 'tiles', False
+  if 'batch' in found and impl == 'ragged':
+    return 'tiles', True
+  return impl, True
+
+
 def capacity_of(capacity_factor, tokens: int, k: int, num_experts: int):
-  """``ceil(capacity_factor * tokens * k / num_experts)``, or ``None``."""
+  """``ceil(capacity_factor * tokens * k / num_experts)``, or ``None``.
+
+  At least 1, and ``tokens`` wherever that is at most the formula (so an
+  infinite factor is dropless). ``tokens`` may be a symbolic dimension
+  (:func:`jax.export`).
+  """
   if capacity_factor is None:
     return None
   if isinstance(capacity_factor, bool) or not isinstance(
@@ -143,6 +174,14 @@ def capacity_of(capacity_factor, tokens: int, k: int, num_experts: int):
       f'capacity_factor must be positive (or None for dropless); got'
       f' {capacity_factor}.'
     )
+  if capacity_factor * k >= num_experts:
+    # At least T: never binds (an expert gets at most one assignment per
+    # token), also for float('inf') and a symbolic token count.
+    return tokens if jax.export.is_symbolic_dim(tokens) else max(1, tokens)
+  if jax.export.is_symbolic_dim(tokens):  # jax.export: exact rational ceil
+    ratio = fractions.Fraction(capacity_factor) * k / num_experts
+    num, den = ratio.numerator, ratio.denominator
+    return (num * tokens + den - 1) // den
   return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
 
 
@@ -232,6 +271,8 @@ def route(
   t, k = experts.shape
   e = logits.shape[-1]
   capacity = capacity_of(capacity_factor, t, k, e)
+  if t == 0:  # no tokens: nothing to lay out (the caller returns zeros)
+    return Routed(logits, weights, experts, jnp.zeros((t, k), bool), None)
   if mesh is not None and impl != 'dense':
     if capacity is not None:
       raise ValueError(

@@ -147,6 +147,9 @@ class MoE(FFNBase):
     tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
     remat: memory-lean backward (``nnx.remat`` with
       :data:`~flaxact._src.layers.moe_body.MOE_LAYER_REMAT_POLICY`).
+    record_intermediates: also record the auxiliary outputs outside
+      ``nnx.capture``, as ``nnx.Intermediate`` attributes of the layer (what
+      ``nnx.bridge.to_linen`` returns under ``mutable=['intermediates']``).
     rngs: ``params`` initialises the weights.
 
   Raises:
@@ -203,6 +206,7 @@ class MoE(FFNBase):
     impl: str = 'auto',
     tile_size: int = 128,
     remat: bool = True,
+    record_intermediates: bool = False,
     rngs: nnx.Rngs,
   ):
     self.hooked = dot_general is not None or dot_general_cls is not None
@@ -249,6 +253,7 @@ class MoE(FFNBase):
     self.impl = impl
     self.tile_size = int(tile_size)
     self.precision = precision
+    self.record_intermediates = bool(record_intermediates)
     options = ProjectionOptions(
       use_bias=use_bias,
       param_dtype=param_dtype,
@@ -299,11 +304,13 @@ class MoE(FFNBase):
     if shared_gate is not None:
       self.shared_expert_gate = shared_gate
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
     """Applies the layer and records its auxiliary outputs.
 
     Args:
       x: input of shape ``(..., in_features)``, floating dtype.
+      deterministic: accepted for a drop-in swap with the dense FFNs; the
+        layer has no randomness, so it changes nothing.
 
     Returns:
       An array of shape ``(..., out_features)`` in ``dtype`` (by default the
@@ -316,9 +323,12 @@ class MoE(FFNBase):
     x = checks.check_layer_input(x, type(self).__name__, self.in_features)
     forward = cast(Callable[..., Array], MoE._forward)
     out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
+    del deterministic  # no dropout or noise
     y, aux = cast(tuple[Array, moe_body.Aux], out)
-    if hasattr(self, '__captures__'):  # inside nnx.capture
-      for name, value in zip(moe_body.RECORDED, aux, strict=True):
+    # Inside nnx.capture, or always with record_intermediates=True (as
+    # attributes: what nnx.bridge.to_linen turns into 'intermediates').
+    if hasattr(self, '__captures__') or self.record_intermediates:
+      for name, value in aux.recorded().items():
         self.sow(nnx.Intermediate, name, value)
     return y
 
