@@ -23,11 +23,10 @@ from flaxact._src.activations.gated_product import (
   gated_product as gated_product,
 )
 from flaxact._src.activations.gelu import gelu as gelu
+from flaxact._src.activations.gelu import gelu_10 as gelu_10
 from flaxact._src.activations.gelu import gelu_tanh as gelu_tanh
 from flaxact._src.activations.gpt_oss import gpt_oss_glu as gpt_oss_glu
-from flaxact._src.activations.hf_extra import gelu_10 as gelu_10
-from flaxact._src.activations.hf_extra import laplace as laplace
-from flaxact._src.activations.hf_extra import sqrt_softplus as sqrt_softplus
+from flaxact._src.activations.laplace import laplace as laplace
 from flaxact._src.activations.piecewise import hard_sigmoid as hard_sigmoid
 from flaxact._src.activations.piecewise import hard_silu as hard_silu
 from flaxact._src.activations.piecewise import identity as identity
@@ -39,6 +38,7 @@ from flaxact._src.activations.registry import ACTIVATIONS as ACTIVATIONS
 from flaxact._src.activations.registry import get_activation as get_activation
 from flaxact._src.activations.sigmoid import sigmoid as sigmoid
 from flaxact._src.activations.sigmoid import softplus as softplus
+from flaxact._src.activations.sigmoid import sqrt_softplus as sqrt_softplus
 from flaxact._src.activations.sigmoid import tanh as tanh
 from flaxact._src.activations.swish import mish as mish
 from flaxact._src.activations.swish import quick_gelu as quick_gelu

@@ -1,4 +1,4 @@
-"""Gaussian error linear units: the exact (erf) form and the tanh form.
+"""Gaussian error linear units: the exact (erf) form, the tanh form, gelu_10.
 
 **``flaxact.gelu`` defaults to the exact form**, as PyTorch, Hugging Face
 (``"gelu"``) and the GELU paper do. ``jax.nn.gelu`` (and so MaxText and T5X
@@ -21,6 +21,7 @@ from flaxact._src.activations.sigmoid import (
 )
 from flaxact._src.common.checks import apply_elementwise
 from flaxact._src.common.derivative import with_derivative
+from flaxact._src.common.float32 import product_error, split_constant
 
 Array = jax.Array
 
@@ -32,31 +33,12 @@ _B = _A * 0.044715
 # Beyond |x| = 40 every Gaussian tail term is exactly 0 in float32 and
 # float64, so clipping there changes no result and keeps x**2 finite.
 _CLIP = 40.0
+#: ``gelu_10`` clips GELU to ``[-GELU_CLIP, GELU_CLIP]``.
+GELU_CLIP = 10.0
 
-# 1/sqrt(2) as a float32 (_C32), the same split into two 12-bit halves for an
-# error-free product, and the remainder of the exact constant.
-_C32 = np.float32(_INV_SQRT2)
-_C32_HI = np.float32(
-  np.frombuffer(
-    (
-      np.frombuffer(_C32.tobytes(), np.uint32) & np.uint32(0xFFFFF000)
-    ).tobytes(),
-    np.float32,
-  )[0]
-)
-_C32_LO = np.float32(_C32 - _C32_HI)
-_C_REST = np.float32(_INV_SQRT2 - float(_C32))
-
-
-def _two_product_error(x: Array) -> Array:
-  """The exact rounding error of ``float32(x * _C32)`` (Dekker's product)."""
-  t = x * np.float32(4097.0)
-  x_hi = t - (t - x)
-  x_lo = x - x_hi
-  p = x * _C32
-  return ((x_hi * _C32_HI - p) + x_hi * _C32_LO + x_lo * _C32_HI) + (
-    x_lo * _C32_LO
-  )
+# 1/sqrt(2) as a float32 with its 12-bit split and the exact remainder, for
+# the error-free product in normal_cdf_pdf.
+_C = split_constant(_INV_SQRT2)
 
 
 def normal_cdf_pdf(x: Array) -> tuple[Array, Array]:
@@ -77,7 +59,7 @@ def normal_cdf_pdf(x: Array) -> tuple[Array, Array]:
   cdf = 0.5 * jax.lax.erfc(z)
   pdf = _INV_SQRT_2PI * jnp.exp(-(z * z))
   if x.dtype == np.float32:
-    delta = -(_two_product_error(xc) + xc * _C_REST)
+    delta = -(product_error(xc, _C) + xc * _C.rest)
     cdf = jnp.where(z > 0, cdf * (1 - 2 * z * delta), cdf)
   return cdf, pdf
 
@@ -173,3 +155,55 @@ def gelu_tanh(x: Any) -> Array:
     https://arxiv.org/abs/1606.08415
   """
   return apply_elementwise(gelu_tanh_kernel, x)
+
+
+# --- gelu_10 -----------------------------------------------------------------
+# GELU never goes below -0.17, so only the upper clip acts, and x * Phi(x) <= x
+# reaches 10 exactly at x = 10 (Phi(10) rounds to 1 in float32 and float64):
+# gelu_10(x) = gelu(x) for x <= 10, else 10. At x = 10 the derivative is
+# gelu'(10), as torch.clamp's (it passes the gradient where min <= y <= max).
+def _gelu_10_value(x: Array) -> Array:
+  y = times_with_zero_limit(x, normal_cdf_pdf(x)[0])
+  return jnp.where(x > GELU_CLIP, jnp.full_like(x, GELU_CLIP), y)
+
+
+def _gelu_10_derivative(x: Array) -> Array:
+  cdf, pdf = normal_cdf_pdf(x)
+  dy = cdf + jnp.clip(x, -_CLIP, _CLIP) * pdf
+  return jnp.where(x > GELU_CLIP, jnp.zeros_like(x), dy)
+
+
+_gelu_10 = with_derivative(_gelu_10_value, _gelu_10_derivative)
+
+
+def gelu_10(x: Any) -> Array:
+  r"""Exact GELU clipped to ``[-10, 10]`` (Hugging Face ``"gelu_10"``).
+
+  .. math::
+    \mathrm{gelu\_10}(x) = \min(\max(x\,\Phi(x), -10), 10)
+
+  Hugging Face's ``ClippedGELUActivation(min=-10, max=10)``, used to keep
+  activations in a fixed range for quantisation. GELU is never below
+  ``-0.17``, so only the upper clip acts: the result is :func:`gelu` up to
+  ``x = 10`` and 10 beyond, with derivative ``gelu'(10)`` at ``x = 10`` (as
+  ``torch.clamp``) and 0 above.
+
+  Args:
+    x: input array of any shape and floating dtype.
+
+  Returns:
+    An array of the same shape and dtype as ``x``, in ``[-0.17, 10]``.
+
+  Examples:
+    >>> import jax.numpy as jnp, flaxact
+    >>> flaxact.gelu_10(jnp.array([-jnp.inf, 1.0, 12.0]))
+    Array([ 0.      ,  0.841345, 10.      ], dtype=float32)
+
+  References:
+    Shen et al., "Q-BERT: Hessian Based Ultra Low Precision Quantization of
+    BERT", AAAI 2020. https://arxiv.org/abs/1909.05840
+
+  See also:
+    :func:`gelu`.
+  """
+  return apply_elementwise(_gelu_10, x)

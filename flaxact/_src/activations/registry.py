@@ -22,7 +22,9 @@ from flaxact._src.activations import (
   sigmoid,
   swish,
 )
-from flaxact._src.activations.hf_extra import gelu_10, laplace, sqrt_softplus
+from flaxact._src.activations.gelu import gelu_10
+from flaxact._src.activations.laplace import laplace
+from flaxact._src.activations.sigmoid import sqrt_softplus
 from flaxact._src.common.checks import normalise_choice
 
 _CANONICAL: dict[str, Callable[..., Any]] = {

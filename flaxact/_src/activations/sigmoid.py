@@ -150,3 +150,69 @@ def softplus(x: Any) -> Array:
     Option Pricing", NeurIPS 2000.
   """
   return apply_elementwise(_softplus, x)
+
+
+# --- sqrt_softplus -----------------------------------------------------------
+# For x <= 0, with t = e^x: sqrt(log1p(t)) = e^(x/2) sqrt(r), r = log1p(t)/t,
+# which keeps full relative accuracy where softplus itself underflows
+# (x < -104 in float32, while e^(x/2) lives down to x = -207). r = 1 - t/2
+# (error t^2/3) where t is tiny, also avoiding 0/0.
+def _sqrt_ratio(x: Array) -> tuple[Array, Array, Array]:
+  """``(e^(x/2), sqrt(r), t)`` at ``min(x, 0)``; see the comment above."""
+  xn = jnp.minimum(x, 0)
+  t = jnp.exp(xn)
+  small = t < 1e-4
+  ts = jnp.where(small, jnp.ones_like(t), t)
+  r = jnp.where(small, 1 - t / 2, jnp.log1p(ts) / ts)
+  return jnp.exp(xn / 2), jnp.sqrt(r), t
+
+
+def _sqrt_softplus_value(x: Array) -> Array:
+  half, sqrt_r, _ = _sqrt_ratio(x)
+  xp = jnp.maximum(x, 0)
+  positive = jnp.sqrt(xp + jnp.log1p(jnp.exp(-xp)))
+  return jnp.where(x > 0, positive, half * sqrt_r)
+
+
+def _sqrt_softplus_derivative(x: Array) -> Array:
+  # d/dx sqrt(softplus(x)) = sigmoid(x) / (2 sqrt(softplus(x))); for x <= 0
+  # that is e^(x/2) / (2 (1 + t) sqrt(r)), 0 (not 0/0) at -inf.
+  half, sqrt_r, t = _sqrt_ratio(x)
+  xp = jnp.maximum(x, 0)
+  positive = sigmoid_parts(xp)[0] / (2 * jnp.sqrt(xp + jnp.log1p(jnp.exp(-xp))))
+  return jnp.where(x > 0, positive, half / (2 * (1 + t) * sqrt_r))
+
+
+_sqrt_softplus = with_derivative(
+  _sqrt_softplus_value, _sqrt_softplus_derivative
+)
+
+
+def sqrt_softplus(x: Any) -> Array:
+  r"""Square root of softplus (Hugging Face ``"sqrtsoftplus"``).
+
+  .. math::
+    \mathrm{sqrt\_softplus}(x) = \sqrt{\log(1 + e^x)}
+
+  DeepSeek-V4's router score. Computed as :math:`e^{x/2}\sqrt{\log(1+t)/t}`
+  (:math:`t = e^x`) for :math:`x \le 0`, so the negative tail keeps full
+  relative accuracy where softplus itself underflows (``x < -104`` in
+  float32). The derivative :math:`\sigma(x) / (2 \sqrt{\mathrm{softplus}(x)})`
+  is 0 at ``±inf``. Hugging Face applies PyTorch's softplus, which returns
+  ``x`` above 20; the difference is below float32 rounding.
+
+  Args:
+    x: input array of any shape and floating dtype.
+
+  Returns:
+    An array of the same shape and dtype as ``x``, non-negative.
+
+  Examples:
+    >>> import jax.numpy as jnp, flaxact
+    >>> flaxact.sqrt_softplus(jnp.array([-150.0, 0.0, 16.0]))
+    Array([2.678637e-33, 8.325546e-01, 4.000000e+00], dtype=float32)
+
+  See also:
+    :func:`softplus`.
+  """
+  return apply_elementwise(_sqrt_softplus, x)

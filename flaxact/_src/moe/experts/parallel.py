@@ -39,8 +39,8 @@ def _pack(x, w, experts, num_local, ep):
   counts = jnp.bincount(dest, length=ep + 1)[:ep].astype(jnp.int32)
   starts = jnp.cumsum(counts) - counts
   slot = jnp.arange(n, dtype=jnp.int32)
-  src = jnp.clip(starts[:, None] + slot, 0, n - 1)  # (ep, n)
-  valid = slot < counts[:, None]
+  src = jnp.clip(starts[:, None] + slot[None, :], 0, n - 1)  # (ep, n)
+  valid = slot[None, :] < counts[:, None]
   assign = jnp.where(valid, order[src], n)  # (ep, n) flat assignment or n
   local_e = jnp.where(
     valid, flat[jnp.minimum(assign, n - 1)] % num_local, num_local
