@@ -13,6 +13,9 @@ that they still exist.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -27,13 +30,19 @@ TRACERS: dict[str, type] = {
 # The attribute holding the wrapped value of each tracer type (primal for
 # differentiation tracers, the batched value for vmap's).
 _INNER = ('primal', 'val')
+# Transforms seen outside a tracing boundary (remat, jit) that hides them.
+_OUTER: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+  'flaxact_outer_transforms', default=frozenset()
+)
 
 
 def transforms(*arrays: Any) -> frozenset[str]:
   """The transforms (``'batch'``, ``'jvp'``) tracing any leaf of ``arrays``.
 
   Nested tracers are unwrapped, so ``jax.jvp`` under ``jax.vmap`` reports
-  both; ``jax.grad`` (linearize) and ``jax.jit`` report nothing.
+  both; ``jax.grad`` (linearize) and ``jax.jit`` report nothing. A
+  ``jax.jit`` or ``jax.checkpoint`` boundary hides the transforms outside
+  it; a layer reports them across its own remat with :func:`seen`.
 
   Args:
     *arrays: pytrees of arrays (``None`` leaves are skipped).
@@ -47,7 +56,7 @@ def transforms(*arrays: Any) -> frozenset[str]:
     ['batch']
     Array([1., 1.], dtype=float32)
   """
-  found = set()
+  found = set(_OUTER.get())
   for leaf in jax.tree.leaves(arrays):
     seen = 0
     while isinstance(leaf, jax.core.Tracer) and seen < 64:
@@ -57,3 +66,17 @@ def transforms(*arrays: Any) -> frozenset[str]:
           found.add(name)
       leaf = next((getattr(leaf, a) for a in _INNER if hasattr(leaf, a)), None)
   return frozenset(found)
+
+
+@contextlib.contextmanager
+def seen(*arrays: Any) -> Iterator[None]:
+  """Within the block, :func:`transforms` also reports those of ``arrays``.
+
+  A layer wraps its remat'd body in it, so the routed FFN inside learns
+  the transforms its input and parameters are traced by.
+  """
+  token = _OUTER.set(transforms(*arrays))
+  try:
+    yield
+  finally:
+    _OUTER.reset(token)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from flaxact._src.common import checks
+from flaxact._src.common import checks, tracing
 from flaxact._src.layers import ffn_body, moe_body, projection, sharding
 from flaxact._src.linen import experts
 from flaxact._src.linen.base import FFNBase, Projection, short_repr
@@ -234,7 +234,8 @@ class MoE(FFNBase):
     """
     x = self.check_input(x)
     forward = cast(Callable[..., Array], MoE._forward)
-    out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
+    with tracing.seen(x, self.variables):  # what remat would hide
+      out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
     del deterministic  # no dropout or noise
     y, aux = cast(tuple[Array, moe_body.Aux], out)
     for name, value in aux.recorded().items():

@@ -42,7 +42,7 @@ from flax import nnx
 from flax.nnx import reprlib
 from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
-from flaxact._src.common import checks
+from flaxact._src.common import checks, tracing
 from flaxact._src.layers import moe_body, sharding
 from flaxact._src.layers.projection import DotGeneralCls
 from flaxact._src.nnx import experts
@@ -322,7 +322,8 @@ class MoE(FFNBase):
     """
     x = checks.check_layer_input(x, type(self).__name__, self.in_features)
     forward = cast(Callable[..., Array], MoE._forward)
-    out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
+    with tracing.seen(x, nnx.state(self)):  # what remat would hide
+      out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
     del deterministic  # no dropout or noise
     y, aux = cast(tuple[Array, moe_body.Aux], out)
     # Inside nnx.capture, or always with record_intermediates=True (as

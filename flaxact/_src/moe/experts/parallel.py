@@ -180,4 +180,17 @@ def expert_parallel_ffn(
     ),
     out_specs=tokens,
   )
-  return fn(x, weights, experts, kernels, biases)[:t]
+  if pad or _explicit(mesh):  # the padded tokens: split over the mesh
+    x, weights, experts = (
+      jax.reshard(a, jax.sharding.NamedSharding(mesh, tokens))
+      for a in (x, weights, experts)
+    )
+  y = fn(x, weights, experts, kernels, biases)
+  if pad and _explicit(mesh):  # t rows cannot stay split over the mesh
+    y = jax.reshard(y, jax.sharding.NamedSharding(mesh, P()))
+  return y[:t]
+
+
+def _explicit(mesh) -> bool:
+  explicit = jax.sharding.AxisType.Explicit
+  return any(a == explicit for a in getattr(mesh, 'axis_types', ()))
