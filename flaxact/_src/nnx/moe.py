@@ -326,11 +326,13 @@ class MoE(FFNBase):
       out = self.run(forward, x, None, moe_body.MOE_LAYER_REMAT_POLICY)
     del deterministic  # no dropout or noise
     y, aux = cast(tuple[Array, moe_body.Aux], out)
-    # Inside nnx.capture, or always with record_intermediates=True (as
-    # attributes: what nnx.bridge.to_linen turns into 'intermediates').
-    if hasattr(self, '__captures__') or self.record_intermediates:
-      for name, value in aux.recorded().items():
+    for name, value in aux.recorded().items():
+      if hasattr(self, '__captures__'):  # inside nnx.capture
         self.sow(nnx.Intermediate, name, value)
+      elif self.record_intermediates:  # what nnx.bridge.to_linen reads
+        old = getattr(self, name, None)
+        values = old.get_value() if isinstance(old, nnx.Intermediate) else ()
+        setattr(self, name, nnx.Intermediate((*values, value)))
     return y
 
   def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:
