@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+from jax import core as jax_core
 from jax._src.interpreters import batching as _batching
 from jax.interpreters import ad as _ad
 
@@ -59,7 +60,7 @@ def transforms(*arrays: Any) -> frozenset[str]:
   found = set(_OUTER.get())
   for leaf in jax.tree.leaves(arrays):
     seen = 0
-    while isinstance(leaf, jax.core.Tracer) and seen < 64:
+    while isinstance(leaf, jax_core.Tracer) and seen < 64:
       seen += 1
       for name, kind in TRACERS.items():
         if isinstance(leaf, kind):

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import core as jax_core
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxact._src.moe.experts import grouped as gm
@@ -81,7 +82,7 @@ class Layout:
 
 def num_rows(n: int, num_experts: int, tile: int, capacity: int | None):
   """The static number of layout rows for ``n`` assignments."""
-  kept = n if capacity is None else jax.core.min_dim(n, num_experts * capacity)
+  kept = n if capacity is None else jax_core.min_dim(n, num_experts * capacity)
   if tile == 1:
     return kept
   return (kept + num_experts * (tile - 1)) // tile * tile

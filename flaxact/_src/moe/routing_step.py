@@ -152,7 +152,7 @@ def transform_impl(impl: str, *arrays: Any) -> tuple[str, bool]:
   return impl, True
 
 
-def capacity_of(capacity_factor, tokens: int, k: int, num_experts: int):
+def capacity_of(capacity_factor, tokens: Any, k: int, num_experts: int) -> Any:
   """``ceil(capacity_factor * tokens * k / num_experts)``, or ``None``.
 
   At least 1, and ``tokens`` wherever that is at most the formula (so an

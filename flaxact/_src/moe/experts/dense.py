@@ -190,7 +190,7 @@ def experts_ffn(
     combine = (one_hot * kept[..., None]).sum(1)
     rows = jnp.broadcast_to(x[:, None, :], (t, e, x.shape[-1]))
     return experts_rows(rows, combine, projections, gated_product).sum(0)
-  c = capacity
+  c: Any = capacity  # an int, or a symbolic dimension under jax.export
   flat = experts.reshape(n)
   ok = ~dropped.reshape(n)
   rank = expert_rank(flat, e)
