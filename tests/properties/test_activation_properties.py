@@ -41,7 +41,8 @@ def test_no_nan_for_non_nan_input_and_value_matches_float64(name, x):
   with np.errstate(all='ignore'):
     want = np.asarray(case.ref(x64), np.float64)
   ok = np.isfinite(want) & (np.abs(want) < 1e4)
-  want_rounded = want.astype(x.dtype).astype(np.float64)
+  with np.errstate(all='ignore'):  # huge references overflow the dtype
+    want_rounded = want.astype(x.dtype).astype(np.float64)
   got = np.asarray(y, np.float64)
   # the reference rounded to the dtype, then the dtype's own tolerance
   np.testing.assert_allclose(got[ok], want_rounded[ok], **tol(x.dtype))
