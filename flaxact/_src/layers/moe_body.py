@@ -13,9 +13,10 @@ Names recorded by the layers (Linen ``self.sow('intermediates', ...)``, NNX
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from flax.core import spmd
 from flaxact._src.common.checks import check_positive_int
 from flaxact._src.layers import ffn_body
 from flaxact._src.moe import api, routing_step
-from flaxact._src.moe.experts.api import resolve_impl
+from flaxact._src.moe.experts.api import resolve_impl, transform_impl
 from flaxact._src.moe.settings import RoutingSettings
 
 Array = jax.Array
@@ -34,11 +35,23 @@ RECORDED = ('load_balancing_loss', 'router_z_loss', 'expert_load')
 
 
 class Aux(NamedTuple):
-  """What a ``MoE`` call records (see :data:`RECORDED`)."""
+  """What a ``MoE`` call records (see :data:`RECORDED`).
+
+  ``dropped_assignments`` (``()`` int32, assignments dropped over capacity)
+  is recorded too when the layer has a ``capacity_factor``.
+  """
 
   load_balancing_loss: Array
   router_z_loss: Array
   expert_load: Array
+  dropped_assignments: Array | None = None
+
+  def recorded(self) -> dict[str, Array]:
+    """The values to record by name (:data:`RECORDED`, and the drops)."""
+    out = {name: getattr(self, name) for name in RECORDED}
+    if self.dropped_assignments is not None:
+      out['dropped_assignments'] = self.dropped_assignments
+    return out
 
 
 def check_options(
@@ -175,7 +188,13 @@ def routed(
   Raises:
     TypeError: for quantized (non-array) kernels with a grouped impl.
   """
-  impl = resolve_impl(routing.impl, hooked=hooked)
+  impl, lean = resolve_impl(routing.impl, hooked=hooked), True
+  kernels = biases = None
+  if impl != 'dense':
+    kernels, biases = _grouped_weights(experts, x.dtype, impl)
+    impl, lean = transform_impl(
+      impl, x, logits, score_correction_bias, kernels, biases
+    )
   lead, e = x.shape[:-1], logits.shape[-1]
   tokens = x.reshape(-1, x.shape[-1])
   mesh, axis = (None, 'expert') if impl == 'dense' else expert_mesh()
@@ -190,7 +209,6 @@ def routed(
     projections = tuple(functools.partial(p, dtype=x.dtype) for p in experts)
     y = r.dense_ffn(tokens, projections, product)
   else:
-    kernels, biases = _grouped_weights(experts, x.dtype, impl)
     y = api.routed_experts(
       tokens,
       r,
@@ -203,10 +221,12 @@ def routed(
       dot_general=None,
       mesh=mesh,
       expert_axis=axis,
+      lean=lean,
     )
   a = r.aux(lead)
-  aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load)
-  return y.reshape(*lead, -1).astype(x.dtype), aux
+  dropped = None if routing.capacity_factor is None else a.dropped_tokens
+  aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load, dropped)
+  return y.reshape(*lead, y.shape[-1]).astype(x.dtype), aux
 
 
 def _grouped_weights(experts: Sequence[Experts], dtype: Any, impl: str):
@@ -229,3 +249,30 @@ def add_shared(y: Array, shared: Array, gate_logit: Array | None) -> Array:
   if gate_logit is not None:
     shared = jax.nn.sigmoid(gate_logit) * shared
   return y + shared.astype(y.dtype)
+
+
+T = TypeVar('T')
+
+
+class RoutingField(Generic[T]):
+  """A layer attribute that reads and replaces one field of ``routing``.
+
+  ``layer.impl = 'loop'`` replaces ``layer.routing`` by a copy with the new
+  ``impl``; the settings stay one frozen object.
+  """
+
+  def __set_name__(self, owner: type, name: str) -> None:
+    self.name = name
+
+  @overload
+  def __get__(self, layer: None, owner: type) -> RoutingField[T]: ...
+  @overload
+  def __get__(self, layer: Any, owner: type) -> T: ...
+  def __get__(self, layer, owner=None):
+    if layer is None:
+      return self
+    return getattr(layer.routing, self.name)
+
+  def __set__(self, layer: Any, value: T) -> None:
+    changes = {self.name: value}
+    layer.routing = dataclasses.replace(layer.routing, **changes)

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from flaxact._src.common.checks import as_float_array, normalise_choice
 
@@ -110,12 +111,12 @@ def _group_mask(choice: Array, num_groups: int, groups_per_token: int):
 
 
 def top_k_routing(
-  logits: Any,
+  logits: ArrayLike,
   k: int,
   *,
   router: str = 'softmax',
   normalize_weights: bool = True,
-  score_correction_bias: Any = None,
+  score_correction_bias: ArrayLike | None = None,
   routed_scaling_factor: float = 1.0,
   num_groups: int | None = None,
   groups_per_token: int | None = None,
@@ -227,7 +228,7 @@ def _check_experts(experts: Any, num_experts: int) -> Array:
 
 
 def load_balancing_loss(
-  router_logits: Any, experts: Any, num_experts: int
+  router_logits: ArrayLike, experts: ArrayLike, num_experts: int
 ) -> Array:
   r"""The Switch Transformer / Mixtral load-balancing loss of one layer.
 
@@ -271,13 +272,14 @@ def load_balancing_loss(
       f' {tuple(logits.shape)} and {tuple(experts.shape)}.'
     )
   probs = jax.nn.softmax(logits.reshape(-1, num_experts), axis=-1)
-  flat = experts.reshape(probs.shape[0], -1)
+  flat = experts.reshape(probs.shape[0], experts.shape[-1])
   hits = jax.nn.one_hot(flat, num_experts, dtype=logits.dtype)
-  fraction = hits.sum((0, 1)) / probs.shape[0]
-  return num_experts * jnp.sum(fraction * probs.mean(0))
+  tokens = max(probs.shape[0], 1)  # no tokens: 0, not 0 / 0
+  fraction = hits.sum((0, 1)) / tokens
+  return num_experts * jnp.sum(fraction * probs.sum(0) / tokens)
 
 
-def router_z_loss(router_logits: Any) -> Array:
+def router_z_loss(router_logits: ArrayLike) -> Array:
   r"""ST-MoE's router z-loss, ``mean(logsumexp(logits) ** 2)``.
 
   .. math::
@@ -301,11 +303,12 @@ def router_z_loss(router_logits: Any) -> Array:
     Zoph et al., "ST-MoE", 2022. https://arxiv.org/abs/2202.08906
   """
   logits = at_least_f32(as_float_array(router_logits, 'router_logits'))
-  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+  z = jax.nn.logsumexp(logits, axis=-1) ** 2
+  return jnp.sum(z) / max(z.size, 1)  # no tokens: 0, not 0 / 0
 
 
 def update_score_correction_bias(
-  bias: Any, expert_load: Any, rate: float = 1e-3
+  bias: ArrayLike, expert_load: ArrayLike, rate: float = 1e-3
 ) -> Array:
   r"""DeepSeek-V3's auxiliary-loss-free balancing step for the router bias.
 

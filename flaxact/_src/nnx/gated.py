@@ -13,8 +13,8 @@ from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 from flaxact._src.common import checks
 from flaxact._src.layers import ffn_body, projection, remat, sharding
 from flaxact._src.layers.projection import DotGeneralCls, ProjectionOptions
-from flaxact._src.nnx.base import (
-  FFNBase,
+from flaxact._src.nnx.base import FFNBase
+from flaxact._src.nnx.projection import (
   Projection,
   default_bias_init,
   default_kernel_init,
@@ -48,7 +48,9 @@ class GatedFFN(FFNBase):
     out_features: the output width; ``None`` (default) uses
       ``in_features``.
     fused_gate_up: one fused ``gate_up_proj`` projection instead of
-      ``gate_proj`` and ``up_proj``.
+      ``gate_proj`` and ``up_proj``: the same function given the same
+      weights, though one fused matmul may round differently from two
+      (equal within float tolerance, not bit for bit).
 
   Examples:
     >>> import jax.numpy as jnp

@@ -34,54 +34,29 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar, cast, overload
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
-from flaxact._src.common import checks
+from flaxact._src.common import checks, tracing
 from flaxact._src.layers import moe_body, projection, remat, sharding
 from flaxact._src.layers.projection import DotGeneralCls, ProjectionOptions
 from flaxact._src.moe.api import expert_product
 from flaxact._src.moe.experts.api import Impl
 from flaxact._src.moe.settings import Router, RoutingSettings
 from flaxact._src.nnx import experts
-from flaxact._src.nnx.base import (
-  LayerBase,
+from flaxact._src.nnx.base import LayerBase
+from flaxact._src.nnx.gated import GatedFFN
+from flaxact._src.nnx.projection import (
   Projection,
   default_bias_init,
   default_kernel_init,
 )
-from flaxact._src.nnx.gated import GatedFFN
 
 Array = jax.Array
-T = TypeVar('T')
-
-
-class RoutingField(Generic[T]):
-  """A ``MoE`` attribute that reads and replaces one field of ``routing``.
-
-  ``layer.impl = 'loop'`` replaces ``layer.routing`` by a copy with the new
-  ``impl``; the settings stay one frozen object.
-  """
-
-  def __set_name__(self, owner: type, name: str) -> None:
-    self.name = name
-
-  @overload
-  def __get__(self, layer: None, owner: type) -> RoutingField[T]: ...
-  @overload
-  def __get__(self, layer: MoE, owner: type) -> T: ...
-  def __get__(self, layer, owner=None):
-    if layer is None:
-      return self
-    return getattr(layer.routing, self.name)
-
-  def __set__(self, layer: MoE, value: T) -> None:
-    changes = {self.name: value}
-    layer.routing = dataclasses.replace(layer.routing, **changes)
 
 
 class MoE(LayerBase):
@@ -173,6 +148,9 @@ class MoE(LayerBase):
       only the experts' gate and up pre-activations, ``'moe_gate'`` and
       ``'moe_up'``, and the shared expert's, ``'ffn_gate'`` and
       ``'ffn_up'``; everything else is recomputed).
+    record_intermediates: also record the auxiliary outputs outside
+      ``nnx.capture``, as ``nnx.Intermediate`` attributes of the layer (what
+      ``nnx.bridge.to_linen`` returns under ``mutable=['intermediates']``).
     rngs: ``params`` initialises the weights.
 
   Raises:
@@ -201,14 +179,14 @@ class MoE(LayerBase):
 
   remat_names: ClassVar[tuple[str, ...]] = remat.MOE_NAMES
 
-  experts_per_token = RoutingField[int]()
-  normalize_weights = RoutingField[bool]()
-  routed_scaling_factor = RoutingField[float]()
-  num_groups = RoutingField['int | None']()
-  groups_per_token = RoutingField['int | None']()
-  capacity_factor = RoutingField['float | None']()
-  impl = RoutingField[str]()
-  tile_size = RoutingField[int]()
+  experts_per_token = moe_body.RoutingField[int]()
+  normalize_weights = moe_body.RoutingField[bool]()
+  routed_scaling_factor = moe_body.RoutingField[float]()
+  num_groups = moe_body.RoutingField['int | None']()
+  groups_per_token = moe_body.RoutingField['int | None']()
+  capacity_factor = moe_body.RoutingField['float | None']()
+  impl = moe_body.RoutingField[str]()
+  tile_size = moe_body.RoutingField[int]()
 
   def __init__(
     self,
@@ -240,6 +218,7 @@ class MoE(LayerBase):
     impl: Impl | str = 'auto',
     tile_size: int = 128,
     remat: bool = True,
+    record_intermediates: bool = False,
     rngs: nnx.Rngs,
   ):
     options = ProjectionOptions(
@@ -286,6 +265,7 @@ class MoE(LayerBase):
     self.num_experts = int(num_experts)
     self.gated_product = gated_product
     self.precision = precision
+    self.record_intermediates = bool(record_intermediates)
     self._build(options, router_use_bias, rngs)
     self._build_shared(
       options, shared_hidden_features, shared_expert_gate, rngs
@@ -327,11 +307,13 @@ class MoE(LayerBase):
     if shared_gate is not None:
       self.shared_expert_gate = shared_gate
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
     """Applies the layer and records its auxiliary outputs.
 
     Args:
       x: input of shape ``(..., in_features)``, floating dtype.
+      deterministic: accepted for a drop-in swap with the dense FFNs; the
+        layer has no randomness, so it changes nothing.
 
     Returns:
       An array of shape ``(..., out_features)`` in ``dtype`` (by default the
@@ -342,10 +324,17 @@ class MoE(LayerBase):
       ValueError: if the last axis of ``x`` is not ``in_features``.
     """
     x = checks.check_layer_input(x, type(self).__name__, self.in_features)
-    y, aux = cast(tuple[Array, moe_body.Aux], self.run(MoE._forward, x, None))
-    if hasattr(self, '__captures__'):  # inside nnx.capture
-      for name, value in zip(moe_body.RECORDED, aux, strict=True):
+    del deterministic  # no dropout or noise
+    with tracing.seen(x, nnx.state(self)):  # what remat would hide
+      out = self.run(MoE._forward, x, None)
+    y, aux = cast(tuple[Array, moe_body.Aux], out)
+    for name, value in aux.recorded().items():
+      if hasattr(self, '__captures__'):  # inside nnx.capture
         self.sow(nnx.Intermediate, name, value)
+      elif self.record_intermediates:  # what nnx.bridge.to_linen reads
+        old = getattr(self, name, None)
+        values = old.get_value() if isinstance(old, nnx.Intermediate) else ()
+        setattr(self, name, nnx.Intermediate((*values, value)))
     return y
 
   def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:

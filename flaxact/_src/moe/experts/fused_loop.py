@@ -66,7 +66,7 @@ def forward(prod, layout, k, x, w, kernels, biases, precision):
     put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, i * tile, 0)
     return y, put(gs, g), put(us, u)
 
-  y, g, u = jax.lax.fori_loop(0, layout.tiles_used, body, init)
+  y, g, u = gm.fori_used(layout, r // tile, body, init)
   return y.astype(x.dtype), g, u
 
 
@@ -102,5 +102,5 @@ def backward(prod, layout, k, x, w, g, u, kernels, biases, dy, precision):
       tuple(map(add, db, dbs)),
     )
 
-  dx, dw, dk, db = jax.lax.fori_loop(0, layout.tiles_used, body, init)
+  dx, dw, dk, db = gm.fori_used(layout, g.shape[0] // tile, body, init)
   return dx.astype(x.dtype), dw.astype(w.dtype), dk, db

@@ -206,6 +206,22 @@ def _rows(a):
   return a.reshape(-1, *a.shape[2:])
 
 
+def fori_used(layout, num_tiles: int, body, init):
+  """``body`` over the tiles in use, as a loop of static trip count.
+
+  The trip count is every tile, the unused ones skipped with ``cond``: a
+  static count keeps the loop reverse-differentiable (a ``scan``), which
+  second-order autodiff through the backward pass needs.
+  """
+
+  def step(i, carry):
+    return jax.lax.cond(
+      i < layout.tiles_used, body, lambda i, carry: carry, i, carry
+    )
+
+  return jax.lax.fori_loop(0, num_tiles, step, init)
+
+
 def grouped_forward(impl, prod, layout, x, w, kernels, biases, precision):
   """``(out, gate, up)`` over all rows: ``'ragged'`` or ``'tiles'``."""
   if impl == 'ragged':
