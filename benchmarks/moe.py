@@ -471,6 +471,14 @@ def _print_impls(results, torch_res, a):
           f'{name:8} {tag:16} {med:9.1f} {lo:8.1f}-{hi:8.1f}'
           f' {med / base:8.2f}{mem}'
         )
+    theirs = torch_res.get(name, {}).get('hf_grouped_mm')
+    if theirs:
+      for layer in ('nnx_layer', 'linen_layer'):
+        speedup = theirs[0] / rows[layer][0]
+        print(
+          f'{name:8} {layer} vs transformers grouped_mm: {speedup:.2f}x as'
+          ' fast (medians, same run)'
+        )
 
 
 def main(argv=None):
