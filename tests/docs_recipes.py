@@ -92,10 +92,9 @@ def _mesh_facts(name: str, ns: dict) -> dict:
 
 
 def main() -> None:
-  import jax
+  from tests.multidevice import require_devices
 
-  if jax.device_count() != 8:
-    raise SystemExit(f'needs 8 devices, got {jax.device_count()}')
+  require_devices(8)
   ckpt_dir = pathlib.Path(sys.argv[1]).resolve()
   results = {}
   for name, chain in MESH_CHAINS.items():

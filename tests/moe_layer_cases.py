@@ -32,6 +32,7 @@ from flax import nnx
 
 from flaxact import linen as fl
 from flaxact import nnx as fx
+from tests.multidevice import auto_mesh, require_devices
 
 T, D, H, E, K = 16, 8, 16, 8, 2
 TOL = dict(rtol=1e-5, atol=1e-5)  # all-to-all/psum reorder float32 sums
@@ -47,11 +48,6 @@ KERNELS = ('gate_proj', 'up_proj', 'down_proj')
 
 def _x():
   return jax.random.normal(jax.random.key(1), (T, D))
-
-
-def _mesh(shape, names):
-  auto = (jax.sharding.AxisType.Auto,) * len(names)
-  return jax.make_mesh(shape, names, axis_types=auto)
 
 
 def _ratio(got, want) -> float:
@@ -150,8 +146,9 @@ def linen_case(mesh, rules) -> dict:
 
 
 def main() -> None:
-  ep = _mesh((2, 4), ('data', 'expert'))
-  tp = _mesh((4, 2), ('expert', 'model'))
+  require_devices(8)
+  ep = auto_mesh((2, 4), ('data', 'expert'))
+  tp = auto_mesh((4, 2), ('expert', 'model'))
   cases = {
     'nnx_ep': lambda: nnx_case(ep, fx.EXPERT_PARALLEL_RULES),
     'linen_ep': lambda: linen_case(ep, fl.EXPERT_PARALLEL_RULES),
