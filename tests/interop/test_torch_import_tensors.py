@@ -80,3 +80,17 @@ print('ok')
   )
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == 'ok'
+
+
+def test_layout_name_literals_list_every_layout():
+  from typing import get_args
+
+  from flaxact._src.interop.torch.layouts import (
+    LAYOUTS,
+    DenseLayoutName,
+    MoELayoutName,
+  )
+  from flaxact._src.interop.torch.moe_layouts import MOE_LAYOUTS
+
+  assert list(get_args(DenseLayoutName)) == list(LAYOUTS)
+  assert list(get_args(MoELayoutName)) == list(MOE_LAYOUTS)

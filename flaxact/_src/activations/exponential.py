@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.typing import ArrayLike
 
 from flaxact._src.common.checks import apply_elementwise
 from flaxact._src.common.derivative import copy_behind_barrier
@@ -76,7 +77,7 @@ def _as_array(alpha: Any, x: Array) -> Array:
   return jnp.asarray(alpha, x.dtype)
 
 
-def elu(x: Any, alpha: Any = 1.0) -> Array:
+def elu(x: ArrayLike, alpha: ArrayLike = 1.0) -> Array:
   r"""Exponential linear unit.
 
   .. math::
@@ -103,7 +104,7 @@ def elu(x: Any, alpha: Any = 1.0) -> Array:
   return apply_elementwise(lambda v, a: _elu(v, _as_array(a, v)), x, alpha)
 
 
-def selu(x: Any) -> Array:
+def selu(x: ArrayLike) -> Array:
   r"""Scaled exponential linear unit.
 
   .. math::
@@ -133,7 +134,7 @@ def selu(x: Any) -> Array:
   )
 
 
-def celu(x: Any, alpha: Any = 1.0) -> Array:
+def celu(x: ArrayLike, alpha: ArrayLike = 1.0) -> Array:
   r"""Continuously differentiable exponential linear unit.
 
   .. math::

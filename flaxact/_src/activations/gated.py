@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from flaxact._src.activations.gelu import gelu_kernel, gelu_tanh_kernel
 from flaxact._src.activations.piecewise import relu_kernel
@@ -71,7 +72,7 @@ def _split_gated(act, x: Any, axis: int) -> Array:
   return apply_gated(act, gate, value)
 
 
-def glu(x: Any, axis: int = -1) -> Array:
+def glu(x: ArrayLike, axis: int = -1) -> Array:
   r"""Gated linear unit, split form: ``a * sigmoid(b)``.
 
   .. math::
@@ -99,7 +100,7 @@ def glu(x: Any, axis: int = -1) -> Array:
   return _split_gated(sigmoid_kernel, x, axis)
 
 
-def reglu(x: Any, axis: int = -1) -> Array:
+def reglu(x: ArrayLike, axis: int = -1) -> Array:
   r"""ReGLU, split form: ``a * relu(b)``.
 
   .. math::
@@ -127,7 +128,7 @@ def reglu(x: Any, axis: int = -1) -> Array:
   return _split_gated(relu_kernel, x, axis)
 
 
-def geglu(x: Any, axis: int = -1) -> Array:
+def geglu(x: ArrayLike, axis: int = -1) -> Array:
   r"""GeGLU with the exact GELU, split form: ``a * gelu(b)``.
 
   .. math::
@@ -158,7 +159,7 @@ def geglu(x: Any, axis: int = -1) -> Array:
   return _split_gated(gelu_kernel, x, axis)
 
 
-def geglu_tanh(x: Any, axis: int = -1) -> Array:
+def geglu_tanh(x: ArrayLike, axis: int = -1) -> Array:
   r"""GeGLU with the tanh-approximate GELU: ``a * gelu_tanh(b)``.
 
   The variant of T5.1.1 (``"gated-gelu"``) and Gemma.
@@ -181,7 +182,7 @@ def geglu_tanh(x: Any, axis: int = -1) -> Array:
   return _split_gated(gelu_tanh_kernel, x, axis)
 
 
-def swiglu(x: Any, axis: int = -1) -> Array:
+def swiglu(x: ArrayLike, axis: int = -1) -> Array:
   r"""SwiGLU, split form: ``a * silu(b)`` (LLaMA, PaLM, Mistral).
 
   .. math::
@@ -209,7 +210,7 @@ def swiglu(x: Any, axis: int = -1) -> Array:
   return _split_gated(silu_kernel, x, axis)
 
 
-def bilinear(x: Any, axis: int = -1) -> Array:
+def bilinear(x: ArrayLike, axis: int = -1) -> Array:
   r"""Bilinear GLU, split form: ``a * b`` (no non-linearity on the gate).
 
   .. math::

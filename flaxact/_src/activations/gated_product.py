@@ -8,9 +8,9 @@ imports the split-form functions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
+from jax.typing import ArrayLike
 
 from flaxact._src.activations.gated import apply_gated
 from flaxact._src.activations.registry import get_activation
@@ -20,8 +20,8 @@ Array = jax.Array
 
 
 def gated_product(
-  gate: Any,
-  up: Any,
+  gate: ArrayLike,
+  up: ArrayLike,
   activation: str | Callable[[Array], Array] = 'silu',
 ) -> Array:
   r"""The gated product of a gated FFN, ``activation(gate) * up``.

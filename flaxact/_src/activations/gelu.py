@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from flaxact._src.activations.sigmoid import (
   sigmoid_parts,
@@ -86,7 +86,7 @@ gelu_tanh_kernel = with_derivative(
 )
 
 
-def gelu(x: Any, approximate: bool = False) -> Array:
+def gelu(x: ArrayLike, approximate: bool = False) -> Array:
   r"""Gaussian error linear unit; **exact (erf) form by default**.
 
   .. math::
@@ -124,7 +124,7 @@ def gelu(x: Any, approximate: bool = False) -> Array:
   return apply_elementwise(gelu_kernel, x)
 
 
-def gelu_tanh(x: Any) -> Array:
+def gelu_tanh(x: ArrayLike) -> Array:
   r"""The tanh approximation of GELU (``jax.nn.gelu``'s default).
 
   .. math::
@@ -176,7 +176,7 @@ def _gelu_10_derivative(x: Array) -> Array:
 _gelu_10 = with_derivative(_gelu_10_value, _gelu_10_derivative)
 
 
-def gelu_10(x: Any) -> Array:
+def gelu_10(x: ArrayLike) -> Array:
   r"""Exact GELU clipped to ``[-10, 10]`` (Hugging Face ``"gelu_10"``).
 
   .. math::

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from flaxact._src.common.checks import (
   as_float_array,
@@ -44,7 +44,11 @@ def _glu_jvp(alpha, limit, primals, tangents):
 
 
 def gpt_oss_glu(
-  gate: Any, up: Any, *, alpha: float = 1.702, limit: float = 7.0
+  gate: ArrayLike,
+  up: ArrayLike,
+  *,
+  alpha: float = 1.702,
+  limit: float = 7.0,
 ) -> Array:
   r"""GPT-OSS's clamped gated product of its expert FFNs.
 

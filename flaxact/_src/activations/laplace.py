@@ -9,11 +9,11 @@ tail keeps full relative accuracy.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from flaxact._src.common.checks import apply_elementwise
 from flaxact._src.common.derivative import with_derivative
@@ -71,7 +71,7 @@ def _laplace_derivative(x: Array) -> Array:
 _laplace = with_derivative(_laplace_value, _laplace_derivative)
 
 
-def laplace(x: Any) -> Array:
+def laplace(x: ArrayLike) -> Array:
   r"""The Laplace activation of MEGA (Hugging Face ``"laplace"``).
 
   .. math::

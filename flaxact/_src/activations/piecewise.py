@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from flaxact._src.activations.sigmoid import times_with_zero_limit
 from flaxact._src.common.checks import apply_elementwise, as_float_array
@@ -59,7 +60,7 @@ def _leaky_relu(x: Array, negative_slope: Any) -> Array:
   return jnp.where(x > 0, x, negative_slope * x)
 
 
-def relu(x: Any) -> Array:
+def relu(x: ArrayLike) -> Array:
   r"""Rectified linear unit.
 
   .. math::
@@ -91,7 +92,7 @@ def relu(x: Any) -> Array:
   return apply_elementwise(relu_kernel, x)
 
 
-def relu6(x: Any) -> Array:
+def relu6(x: ArrayLike) -> Array:
   r"""ReLU clipped at 6.
 
   .. math::
@@ -117,7 +118,7 @@ def relu6(x: Any) -> Array:
   return apply_elementwise(_relu6, x)
 
 
-def leaky_relu(x: Any, negative_slope: Any = 0.01) -> Array:
+def leaky_relu(x: ArrayLike, negative_slope: ArrayLike = 0.01) -> Array:
   r"""Leaky rectified linear unit.
 
   .. math::
@@ -148,7 +149,7 @@ def leaky_relu(x: Any, negative_slope: Any = 0.01) -> Array:
   return apply_elementwise(_leaky_relu, x, negative_slope)
 
 
-def relu_squared(x: Any) -> Array:
+def relu_squared(x: ArrayLike) -> Array:
   r"""Squared ReLU, as in Primer (Hugging Face name ``"relu2"``).
 
   .. math::
@@ -175,7 +176,7 @@ def relu_squared(x: Any) -> Array:
   return apply_elementwise(lambda v: jnp.square(relu_kernel(v)), x)
 
 
-def hard_sigmoid(x: Any) -> Array:
+def hard_sigmoid(x: ArrayLike) -> Array:
   r"""Piecewise-linear approximation of the sigmoid.
 
   .. math::
@@ -201,7 +202,7 @@ def hard_sigmoid(x: Any) -> Array:
   return apply_elementwise(lambda v: _relu6(v + 3) * (1 / 6), x)
 
 
-def hard_silu(x: Any) -> Array:
+def hard_silu(x: ArrayLike) -> Array:
   r"""Hard SiLU, also called hard swish.
 
   .. math::
@@ -228,7 +229,7 @@ def hard_silu(x: Any) -> Array:
   return apply_elementwise(_hard_silu, x)
 
 
-def identity(x: Any) -> Array:
+def identity(x: ArrayLike) -> Array:
   r"""The identity, :math:`f(x) = x` (Hugging Face name ``"linear"``).
 
   Args:

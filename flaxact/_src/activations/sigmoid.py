@@ -10,10 +10,9 @@ is ``lax.logistic`` in float32, its derivative formed from its value,
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from flaxact._src.common.checks import apply_elementwise, as_float_array
 from flaxact._src.common.derivative import (
@@ -69,7 +68,7 @@ _softplus = with_derivative(
 _tanh = with_derivative(jnp.tanh, lambda x: 4 * sigmoid_parts(2 * x)[1])
 
 
-def sigmoid(x: Any) -> Array:
+def sigmoid(x: ArrayLike) -> Array:
   r"""Logistic sigmoid.
 
   .. math::
@@ -100,7 +99,7 @@ def sigmoid(x: Any) -> Array:
   return apply_elementwise(_sigmoid_recomputed if half else sigmoid_kernel, x)
 
 
-def tanh(x: Any) -> Array:
+def tanh(x: ArrayLike) -> Array:
   r"""Hyperbolic tangent.
 
   .. math::
@@ -122,7 +121,7 @@ def tanh(x: Any) -> Array:
   return apply_elementwise(_tanh, x)
 
 
-def softplus(x: Any) -> Array:
+def softplus(x: ArrayLike) -> Array:
   r"""Softplus, a smooth ReLU.
 
   .. math::
@@ -188,7 +187,7 @@ _sqrt_softplus = with_derivative(
 )
 
 
-def sqrt_softplus(x: Any) -> Array:
+def sqrt_softplus(x: ArrayLike) -> Array:
   r"""Square root of softplus (Hugging Face ``"sqrtsoftplus"``).
 
   .. math::

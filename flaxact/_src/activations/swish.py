@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.typing import ArrayLike
 
 from flaxact._src.activations.sigmoid import (
   sigmoid_parts,
@@ -94,7 +95,7 @@ _mish = with_derivative(
 )
 
 
-def silu(x: Any) -> Array:
+def silu(x: ArrayLike) -> Array:
   r"""Sigmoid linear unit, also called Swish-1.
 
   .. math::
@@ -126,7 +127,7 @@ def silu(x: Any) -> Array:
   return apply_elementwise(silu_kernel, x)
 
 
-def swish(x: Any, beta: Any = 1.0) -> Array:
+def swish(x: ArrayLike, beta: ArrayLike = 1.0) -> Array:
   r"""Swish with a slope parameter.
 
   .. math::
@@ -155,7 +156,7 @@ def swish(x: Any, beta: Any = 1.0) -> Array:
   return apply_elementwise(_swish, x, beta)
 
 
-def quick_gelu(x: Any) -> Array:
+def quick_gelu(x: ArrayLike) -> Array:
   r"""The sigmoid approximation of GELU used by CLIP.
 
   .. math::
@@ -178,7 +179,7 @@ def quick_gelu(x: Any) -> Array:
   return apply_elementwise(_swish, x, QUICK_GELU_BETA)
 
 
-def mish(x: Any) -> Array:
+def mish(x: ArrayLike) -> Array:
   r"""Mish, a self-regularised non-monotonic activation.
 
   .. math::

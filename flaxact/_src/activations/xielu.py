@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from flaxact._src.activations.sigmoid import softplus
 from flaxact._src.common.checks import apply_elementwise
@@ -46,12 +47,12 @@ def _xielu(x: Array, alpha_p: Any, alpha_n: Any, beta: Any, eps: Any) -> Array:
 
 
 def xielu(
-  x: Any,
-  alpha_p: Any = ALPHA_P_INIT,
-  alpha_n: Any = ALPHA_N_INIT,
+  x: ArrayLike,
+  alpha_p: ArrayLike = ALPHA_P_INIT,
+  alpha_n: ArrayLike = ALPHA_N_INIT,
   *,
-  beta: Any = BETA,
-  eps: Any = EPS,
+  beta: ArrayLike = BETA,
+  eps: ArrayLike = EPS,
 ) -> Array:
   r"""xIELU, the expanded integral of the ELU.
 

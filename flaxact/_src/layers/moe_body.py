@@ -13,9 +13,10 @@ Names recorded by the layers (Linen ``self.sow('intermediates', ...)``, NNX
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -229,3 +230,30 @@ def add_shared(y: Array, shared: Array, gate_logit: Array | None) -> Array:
   if gate_logit is not None:
     shared = jax.nn.sigmoid(gate_logit) * shared
   return y + shared.astype(y.dtype)
+
+
+T = TypeVar('T')
+
+
+class RoutingField(Generic[T]):
+  """A layer attribute that reads and replaces one field of ``routing``.
+
+  ``layer.impl = 'loop'`` replaces ``layer.routing`` by a copy with the new
+  ``impl``; the settings stay one frozen object.
+  """
+
+  def __set_name__(self, owner: type, name: str) -> None:
+    self.name = name
+
+  @overload
+  def __get__(self, layer: None, owner: type) -> RoutingField[T]: ...
+  @overload
+  def __get__(self, layer: Any, owner: type) -> T: ...
+  def __get__(self, layer, owner=None):
+    if layer is None:
+      return self
+    return getattr(layer.routing, self.name)
+
+  def __set__(self, layer: Any, value: T) -> None:
+    changes = {self.name: value}
+    layer.routing = dataclasses.replace(layer.routing, **changes)

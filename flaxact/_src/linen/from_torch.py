@@ -14,10 +14,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from typing_extensions import Unpack
 
 from flaxact._src.interop.torch import moe_build
 from flaxact._src.interop.torch.build import prepare
+from flaxact._src.interop.torch.layouts import LayoutName
 from flaxact._src.interop.torch.moe_build import NOT_GIVEN, NotGiven
+from flaxact._src.layers.import_options import LayerOptions
 from flaxact._src.linen.ffn import FFN
 from flaxact._src.linen.gated import GatedFFN
 from flaxact._src.linen.moe import STATS, MoE
@@ -85,7 +88,7 @@ def _variables(layer: nn.Module, in_features: int, values: Any) -> Any:
 def from_torch(
   state_dict: Mapping[str, Any],
   *,
-  layout: str,
+  layout: LayoutName | str,
   activation: str | Callable[..., Any] | None = None,
   prefix: str = '',
   strict: bool = True,
@@ -97,7 +100,7 @@ def from_torch(
   routed_scaling_factor: float | NotGiven = NOT_GIVEN,
   num_groups: int | NotGiven | None = NOT_GIVEN,
   groups_per_token: int | NotGiven | None = NOT_GIVEN,
-  **layer_kwargs: Any,
+  **layer_kwargs: Unpack[LayerOptions],
 ) -> tuple[FFN | GatedFFN | MoE, dict[str, Any]]:
   """Builds a Linen FFN or MoE layer and its variables from a state dict.
 

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from flaxact._src.common.checks import as_float_array, normalise_choice
 
@@ -110,12 +111,12 @@ def _group_mask(choice: Array, num_groups: int, groups_per_token: int):
 
 
 def top_k_routing(
-  logits: Any,
+  logits: ArrayLike,
   k: int,
   *,
   router: str = 'softmax',
   normalize_weights: bool = True,
-  score_correction_bias: Any = None,
+  score_correction_bias: ArrayLike | None = None,
   routed_scaling_factor: float = 1.0,
   num_groups: int | None = None,
   groups_per_token: int | None = None,
@@ -227,7 +228,7 @@ def _check_experts(experts: Any, num_experts: int) -> Array:
 
 
 def load_balancing_loss(
-  router_logits: Any, experts: Any, num_experts: int
+  router_logits: ArrayLike, experts: ArrayLike, num_experts: int
 ) -> Array:
   r"""The Switch Transformer / Mixtral load-balancing loss of one layer.
 
@@ -277,7 +278,7 @@ def load_balancing_loss(
   return num_experts * jnp.sum(fraction * probs.mean(0))
 
 
-def router_z_loss(router_logits: Any) -> Array:
+def router_z_loss(router_logits: ArrayLike) -> Array:
   r"""ST-MoE's router z-loss, ``mean(logsumexp(logits) ** 2)``.
 
   .. math::
@@ -305,7 +306,7 @@ def router_z_loss(router_logits: Any) -> Array:
 
 
 def update_score_correction_bias(
-  bias: Any, expert_load: Any, rate: float = 1e-3
+  bias: ArrayLike, expert_load: ArrayLike, rate: float = 1e-3
 ) -> Array:
   r"""DeepSeek-V3's auxiliary-loss-free balancing step for the router bias.
 

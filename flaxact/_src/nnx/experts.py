@@ -9,12 +9,12 @@ Examples:
   >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
   >>> from flaxact._src.layers.projection import ProjectionOptions
-  >>> from flaxact._src.nnx import base as nnx_base
+  >>> from flaxact._src.nnx import projection
   >>> from flaxact._src.nnx.experts import ExpertProjection
   >>> options = ProjectionOptions(
   ...     use_bias=False, param_dtype=jnp.float32, precision=None,
-  ...     kernel_init=nnx_base.default_kernel_init,
-  ...     bias_init=nnx_base.default_bias_init)
+  ...     kernel_init=projection.default_kernel_init,
+  ...     bias_init=projection.default_bias_init)
   >>> proj = ExpertProjection(
   ...     4, 16, 32, axes=(('exp', 'embed', 'mlp'), ('exp', 'mlp')),
   ...     options=options, rngs=nnx.Rngs(0))
@@ -37,8 +37,8 @@ from flax.typing import Dtype
 from flaxact._src.layers import moe_body, sharding
 from flaxact._src.layers.projection import ProjectionOptions
 from flaxact._src.moe.experts import dense
-from flaxact._src.nnx.base import Projection, make_param
 from flaxact._src.nnx.gated import GatedFFN
+from flaxact._src.nnx.projection import Projection, make_param
 
 Array = jax.Array
 

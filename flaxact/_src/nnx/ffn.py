@@ -35,8 +35,8 @@ from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 from flaxact._src.common import checks
 from flaxact._src.layers import ffn_body, remat, sharding
 from flaxact._src.layers.projection import DotGeneralCls, ProjectionOptions
-from flaxact._src.nnx.base import (
-  FFNBase,
+from flaxact._src.nnx.base import FFNBase
+from flaxact._src.nnx.projection import (
   Projection,
   default_bias_init,
   default_kernel_init,

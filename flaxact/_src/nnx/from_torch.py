@@ -13,10 +13,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from typing_extensions import Unpack
 
 from flaxact._src.interop.torch import moe_build
 from flaxact._src.interop.torch.build import prepare
+from flaxact._src.interop.torch.layouts import LayoutName
 from flaxact._src.interop.torch.moe_build import NOT_GIVEN, NotGiven
+from flaxact._src.layers.import_options import LayerOptions
 from flaxact._src.nnx.ffn import FFN
 from flaxact._src.nnx.gated import GatedFFN
 from flaxact._src.nnx.moe import MoE
@@ -56,7 +59,7 @@ def _load(module: Any, values: Mapping[str, Any], path: str = '') -> None:
 def from_torch(
   state_dict: Mapping[str, Any],
   *,
-  layout: str,
+  layout: LayoutName | str,
   activation: str | Callable[..., Any] | None = None,
   prefix: str = '',
   strict: bool = True,
@@ -69,7 +72,7 @@ def from_torch(
   num_groups: int | NotGiven | None = NOT_GIVEN,
   groups_per_token: int | NotGiven | None = NOT_GIVEN,
   rngs: nnx.Rngs | None = None,
-  **layer_kwargs: Any,
+  **layer_kwargs: Unpack[LayerOptions],
 ) -> FFN | GatedFFN | MoE:
   """Builds an NNX FFN or MoE layer with the weights of a state dict.
 

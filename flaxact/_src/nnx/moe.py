@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar, cast, overload
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -48,40 +48,15 @@ from flaxact._src.moe.api import expert_product
 from flaxact._src.moe.experts.api import Impl
 from flaxact._src.moe.settings import Router, RoutingSettings
 from flaxact._src.nnx import experts
-from flaxact._src.nnx.base import (
-  LayerBase,
+from flaxact._src.nnx.base import LayerBase
+from flaxact._src.nnx.gated import GatedFFN
+from flaxact._src.nnx.projection import (
   Projection,
   default_bias_init,
   default_kernel_init,
 )
-from flaxact._src.nnx.gated import GatedFFN
 
 Array = jax.Array
-T = TypeVar('T')
-
-
-class RoutingField(Generic[T]):
-  """A ``MoE`` attribute that reads and replaces one field of ``routing``.
-
-  ``layer.impl = 'loop'`` replaces ``layer.routing`` by a copy with the new
-  ``impl``; the settings stay one frozen object.
-  """
-
-  def __set_name__(self, owner: type, name: str) -> None:
-    self.name = name
-
-  @overload
-  def __get__(self, layer: None, owner: type) -> RoutingField[T]: ...
-  @overload
-  def __get__(self, layer: MoE, owner: type) -> T: ...
-  def __get__(self, layer, owner=None):
-    if layer is None:
-      return self
-    return getattr(layer.routing, self.name)
-
-  def __set__(self, layer: MoE, value: T) -> None:
-    changes = {self.name: value}
-    layer.routing = dataclasses.replace(layer.routing, **changes)
 
 
 class MoE(LayerBase):
@@ -201,14 +176,14 @@ class MoE(LayerBase):
 
   remat_names: ClassVar[tuple[str, ...]] = remat.MOE_NAMES
 
-  experts_per_token = RoutingField[int]()
-  normalize_weights = RoutingField[bool]()
-  routed_scaling_factor = RoutingField[float]()
-  num_groups = RoutingField['int | None']()
-  groups_per_token = RoutingField['int | None']()
-  capacity_factor = RoutingField['float | None']()
-  impl = RoutingField[str]()
-  tile_size = RoutingField[int]()
+  experts_per_token = moe_body.RoutingField[int]()
+  normalize_weights = moe_body.RoutingField[bool]()
+  routed_scaling_factor = moe_body.RoutingField[float]()
+  num_groups = moe_body.RoutingField['int | None']()
+  groups_per_token = moe_body.RoutingField['int | None']()
+  capacity_factor = moe_body.RoutingField['float | None']()
+  impl = moe_body.RoutingField[str]()
+  tile_size = moe_body.RoutingField[int]()
 
   def __init__(
     self,

@@ -15,8 +15,8 @@ from flax import nnx
 from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
 from flaxact._src.layers.projection import DotGeneralCls
-from flaxact._src.nnx.base import default_bias_init, default_kernel_init
 from flaxact._src.nnx.gated import GatedFFN
+from flaxact._src.nnx.projection import default_bias_init, default_kernel_init
 
 
 class GatedPreset(GatedFFN):

@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from flaxact._src.common.checks import normalise_choice
 
@@ -182,6 +182,27 @@ def _gpt2_keys(*, linear: bool, bias: str, activation: str) -> Layout:
 
 
 #: Every layout by name; see the module docstring for the table.
+#: The names of the dense layouts (the keys of :data:`LAYOUTS`).
+DenseLayoutName = Literal[
+  'llama',
+  'mistral',
+  'qwen2',
+  'qwen3',
+  'gemma',
+  't5',
+  't5_gated',
+  'gpt2',
+  'starcoder2',
+  'bert',
+  'phi3',
+]
+#: The names of the routed-FFN (MoE) layouts.
+MoELayoutName = Literal[
+  'mixtral', 'qwen2_moe', 'qwen3_moe', 'deepseek_v3', 'gpt_oss', 'olmoe'
+]
+#: Every layout name ``from_torch`` reads.
+LayoutName = DenseLayoutName | MoELayoutName
+
 LAYOUTS: Mapping[str, Layout] = {
   'llama': _llama('silu'),
   'mistral': _llama('silu'),
