@@ -1,11 +1,10 @@
 """MoE layers on 8 simulated CPU devices: expert parallelism and TP inside.
 
-Run by ``tests/test_moe_layers_sharding.py`` as one subprocess started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``; prints one JSON
+Run by ``tests/layers/test_moe_layers_sharding.py`` as one subprocess started
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; prints one JSON
 object with, per case, the experts-axis shard of every expert kernel, how far
-the sharded output and gradients are from the single-device layer's (an
-allclose ratio: at most 1 passes), and the collectives in the compiled
-forward.
+the sharded output and gradients are from the single-device layer's (an allclose
+ratio: at most 1 passes), and the collectives in the compiled forward.
 
 Cases:
 

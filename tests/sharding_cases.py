@@ -1,6 +1,6 @@
 """Sharding cases on 8 simulated CPU devices, mesh ``data=2, model=4``.
 
-Run by ``tests/test_sharding.py`` in a subprocess started with
+Run by ``tests/layers/test_sharding.py`` in a subprocess started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is
 fixed when JAX starts, so it cannot share a process with the other tests).
 """

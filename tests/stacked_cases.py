@@ -1,7 +1,7 @@
 """Stacked FFN layers on 8 simulated CPU devices, every exported rule set.
 
-Run by ``tests/test_stacked_sharding.py`` as one subprocess started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``. For each case (a
+Run by ``tests/layers/test_stacked_sharding.py`` as one subprocess started
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. For each case (a
 stacking transform x a layer x a rule set) it builds a stack of ``L`` layers
 with the stacked axis named ``'layers'`` (the README's recipe), sharded at
 creation on the mesh, takes one optax training step there and the same step

@@ -1,7 +1,7 @@
 """``nnx.from_torch`` under a mesh, on 8 simulated CPU devices.
 
-Run by ``tests/test_torch_import_sharding.py`` in a subprocess started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+Run by ``tests/interop/test_torch_import_sharding.py`` in a subprocess
+started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 """
 
 from __future__ import annotations
