@@ -62,6 +62,21 @@ from flaxact._src.moe.routers import (
   update_score_correction_bias as update_score_correction_bias,
 )
 
+
+def __getattr__(name: str):
+  """``flaxact.linen`` and ``flaxact.nnx``, imported on first use.
+
+  ``import flaxact`` imports no Flax; the layer namespaces load when first
+  read, so ``import flaxact; flaxact.nnx.MoE`` works as
+  ``from flaxact import nnx`` does.
+  """
+  if name in ('linen', 'nnx'):
+    import importlib
+
+    return importlib.import_module(f'flaxact.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 try:
   __version__ = _metadata.version('flaxact')
 except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout

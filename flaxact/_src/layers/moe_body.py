@@ -25,7 +25,7 @@ from flax.core import spmd
 from flaxact._src.common.checks import check_positive_int
 from flaxact._src.layers import ffn_body
 from flaxact._src.moe import api, routing_step
-from flaxact._src.moe.experts.api import resolve_impl
+from flaxact._src.moe.experts.api import resolve_impl, transform_impl
 from flaxact._src.moe.settings import RoutingSettings
 
 Array = jax.Array
@@ -35,11 +35,23 @@ RECORDED = ('load_balancing_loss', 'router_z_loss', 'expert_load')
 
 
 class Aux(NamedTuple):
-  """What a ``MoE`` call records (see :data:`RECORDED`)."""
+  """What a ``MoE`` call records (see :data:`RECORDED`).
+
+  ``dropped_assignments`` (``()`` int32, assignments dropped over capacity)
+  is recorded too when the layer has a ``capacity_factor``.
+  """
 
   load_balancing_loss: Array
   router_z_loss: Array
   expert_load: Array
+  dropped_assignments: Array | None = None
+
+  def recorded(self) -> dict[str, Array]:
+    """The values to record by name (:data:`RECORDED`, and the drops)."""
+    out = {name: getattr(self, name) for name in RECORDED}
+    if self.dropped_assignments is not None:
+      out['dropped_assignments'] = self.dropped_assignments
+    return out
 
 
 def check_options(
@@ -176,7 +188,13 @@ def routed(
   Raises:
     TypeError: for quantized (non-array) kernels with a grouped impl.
   """
-  impl = resolve_impl(routing.impl, hooked=hooked)
+  impl, lean = resolve_impl(routing.impl, hooked=hooked), True
+  kernels = biases = None
+  if impl != 'dense':
+    kernels, biases = _grouped_weights(experts, x.dtype, impl)
+    impl, lean = transform_impl(
+      impl, x, logits, score_correction_bias, kernels, biases
+    )
   lead, e = x.shape[:-1], logits.shape[-1]
   tokens = x.reshape(-1, x.shape[-1])
   mesh, axis = (None, 'expert') if impl == 'dense' else expert_mesh()
@@ -191,7 +209,6 @@ def routed(
     projections = tuple(functools.partial(p, dtype=x.dtype) for p in experts)
     y = r.dense_ffn(tokens, projections, product)
   else:
-    kernels, biases = _grouped_weights(experts, x.dtype, impl)
     y = api.routed_experts(
       tokens,
       r,
@@ -204,10 +221,12 @@ def routed(
       dot_general=None,
       mesh=mesh,
       expert_axis=axis,
+      lean=lean,
     )
   a = r.aux(lead)
-  aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load)
-  return y.reshape(*lead, -1).astype(x.dtype), aux
+  dropped = None if routing.capacity_factor is None else a.dropped_tokens
+  aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load, dropped)
+  return y.reshape(*lead, y.shape[-1]).astype(x.dtype), aux
 
 
 def _grouped_weights(experts: Sequence[Experts], dtype: Any, impl: str):

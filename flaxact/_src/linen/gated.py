@@ -66,7 +66,9 @@ class GatedFFN(FFNBase):
       activation module (:class:`PReLU`, :class:`Swish`), whose parameters
       then live in this layer under ``'activation'``.
     fused_gate_up: one fused ``gate_up_proj`` projection instead of
-      ``gate_proj`` and ``up_proj``.
+      ``gate_proj`` and ``up_proj``: the same function given the same
+      weights, though one fused matmul may round differently from two
+      (equal within float tolerance, not bit for bit).
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from flaxact._src.common import checks
+from flaxact._src.common import checks, tracing
 from flaxact._src.layers import moe_body, projection, remat, sharding
 from flaxact._src.linen import experts
 from flaxact._src.linen.base import LayerBase
@@ -221,11 +221,13 @@ class MoE(LayerBase):
       tile_size=self.tile_size,
     ).normalised()
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
     """Applies the layer and records its auxiliary outputs.
 
     Args:
       x: input of shape ``(..., in_features)``, floating dtype.
+      deterministic: accepted for a drop-in swap with the dense FFNs; the
+        layer has no randomness, so it changes nothing.
 
     Returns:
       An array of shape ``(..., out_features)`` in ``dtype`` (by default the
@@ -237,8 +239,11 @@ class MoE(LayerBase):
         initialised with.
     """
     x = self.check_input(x)
-    y, aux = cast(tuple[Array, moe_body.Aux], self.run(MoE._forward, x, None))
-    for name, value in zip(moe_body.RECORDED, aux, strict=True):
+    del deterministic  # no dropout or noise
+    with tracing.seen(x, self.variables):  # what remat would hide
+      out = self.run(MoE._forward, x, None)
+    y, aux = cast(tuple[Array, moe_body.Aux], out)
+    for name, value in aux.recorded().items():
       self.sow('intermediates', name, value)
     return y
 

@@ -29,7 +29,12 @@ from flaxact._src.activations.gated_product import (
 from flaxact._src.moe import dispatch
 from flaxact._src.moe.dispatch import MOE_REMAT_POLICY as MOE_REMAT_POLICY
 from flaxact._src.moe.experts import dense
-from flaxact._src.moe.experts.api import DEFAULT_TILE, Impl, resolve_impl
+from flaxact._src.moe.experts.api import (
+  DEFAULT_TILE,
+  Impl,
+  resolve_impl,
+  transform_impl,
+)
 from flaxact._src.moe.experts.parallel import expert_parallel_ffn
 from flaxact._src.moe.routing_step import MoEAux as MoEAux
 from flaxact._src.moe.routing_step import Routed, route
@@ -222,7 +227,16 @@ def moe_ffn(
   if router_logits is None:
     router_kernel = jnp.asarray(router_kernel)
   _check_shapes(x, router_kernel, kernels, biases)
-  resolved = resolve_impl(impl, hooked=dot_general is not None)
+  resolved, lean = transform_impl(
+    resolve_impl(impl, hooked=dot_general is not None),
+    x,
+    router_kernel,
+    router_bias,
+    router_logits,
+    kernels,
+    biases,
+    score_correction_bias,
+  )
   lead = x.shape[:-1]
   tokens = x.reshape(-1, x.shape[-1])
   if router_logits is None:
@@ -230,7 +244,8 @@ def moe_ffn(
       tokens, router_kernel, router_bias, precision, dot_general
     )
   else:
-    logits = jnp.asarray(router_logits).reshape(tokens.shape[0], -1)
+    e = jnp.shape(router_kernel)[-1]
+    logits = jnp.asarray(router_logits).reshape(tokens.shape[0], e)
     logits = logits.astype(jnp.promote_types(x.dtype, jnp.float32))
   r = route(
     logits,
@@ -252,8 +267,9 @@ def moe_ffn(
     dot_general=dot_general,
     mesh=mesh,
     expert_axis=expert_axis,
+    lean=lean,
   )
-  return y.reshape(*lead, -1), r.aux(lead)
+  return y.reshape(*lead, y.shape[-1]), r.aux(lead)
 
 
 def _router_logits(tokens, kernel, bias, precision, dot_general) -> Array:
@@ -284,12 +300,17 @@ def routed_experts(
   dot_general: Callable[..., Array] | None,
   mesh: jax.sharding.Mesh | None,
   expert_axis: str,
+  lean: bool = True,
 ) -> Array:
   """The weighted expert FFNs of ``(T, d)`` tokens routed as ``r``.
 
   ``kernels`` and ``biases`` are ``(gate, up, down)`` in the compute dtype;
-  ``impl`` is resolved (not ``'auto'``).
+  ``impl`` is resolved (not ``'auto'``) and ``lean`` says whether the
+  grouped impls may run under their custom VJP (see
+  :func:`flaxact._src.moe.experts.api.transform_impl`).
   """
+  if not tokens.shape[0]:  # no tokens: no output rows, zero gradients
+    return jnp.zeros((0, kernels[2].shape[-1]), tokens.dtype)
   if impl == 'dense':
     gate, up, down = (
       functools.partial(
@@ -313,6 +334,7 @@ def routed_experts(
       impl=impl,
       gated_product=gated_product,
       precision=precision,
+      lean=lean,
     )
   return expert_parallel_ffn(
     tokens,
@@ -326,4 +348,5 @@ def routed_experts(
     gated_product=gated_product,
     precision=precision,
     tile_size=tile_size,
+    lean=lean,
   )

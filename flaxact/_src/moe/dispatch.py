@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import core as jax_core
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxact._src.moe.experts import grouped as gm
@@ -81,7 +82,7 @@ class Layout:
 
 def num_rows(n: int, num_experts: int, tile: int, capacity: int | None):
   """The static number of layout rows for ``n`` assignments."""
-  kept = n if capacity is None else min(n, num_experts * capacity)
+  kept = n if capacity is None else jax_core.min_dim(n, num_experts * capacity)
   if tile == 1:
     return kept
   return (kept + num_experts * (tile - 1)) // tile * tile
@@ -207,6 +208,7 @@ def experts_ffn(
   impl: str,
   gated_product: gm.Product,
   precision: Any = None,
+  lean: bool = True,
 ) -> Array:
   """``sum_j weights[t, j] * FFN_{e_j}(x[t])`` over the kept assignments.
 
@@ -220,10 +222,16 @@ def experts_ffn(
     impl: ``'loop'``, ``'tiles'`` or ``'ragged'``.
     gated_product: ``(gate, up) -> hidden``, element-wise.
     precision: matmul precision.
+    lean: run under the custom VJP (the lean backward); ``False``: plain
+      autodiff of the forward (forward-mode and any order; needs an impl
+      autodiff can transpose, ``'tiles'`` or ``'ragged'``).
 
   Returns:
     ``(T, d_out)`` in the dtype of ``x``.
   """
+  if not lean:
+    args = (impl, gated_product, precision, x, weights, layout)
+    return _experts_fwd(*args, kernels, biases)[0]
   return _experts(
     impl, gated_product, precision, x, weights, layout, kernels, biases
   )

@@ -272,10 +272,11 @@ def load_balancing_loss(
       f' {tuple(logits.shape)} and {tuple(experts.shape)}.'
     )
   probs = jax.nn.softmax(logits.reshape(-1, num_experts), axis=-1)
-  flat = experts.reshape(probs.shape[0], -1)
+  flat = experts.reshape(probs.shape[0], experts.shape[-1])
   hits = jax.nn.one_hot(flat, num_experts, dtype=logits.dtype)
-  fraction = hits.sum((0, 1)) / probs.shape[0]
-  return num_experts * jnp.sum(fraction * probs.mean(0))
+  tokens = max(probs.shape[0], 1)  # no tokens: 0, not 0 / 0
+  fraction = hits.sum((0, 1)) / tokens
+  return num_experts * jnp.sum(fraction * probs.sum(0) / tokens)
 
 
 def router_z_loss(router_logits: ArrayLike) -> Array:
@@ -302,7 +303,8 @@ def router_z_loss(router_logits: ArrayLike) -> Array:
     Zoph et al., "ST-MoE", 2022. https://arxiv.org/abs/2202.08906
   """
   logits = at_least_f32(as_float_array(router_logits, 'router_logits'))
-  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+  z = jax.nn.logsumexp(logits, axis=-1) ** 2
+  return jnp.sum(z) / max(z.size, 1)  # no tokens: 0, not 0 / 0
 
 
 def update_score_correction_bias(

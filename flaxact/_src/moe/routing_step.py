@@ -146,6 +146,8 @@ def route(
   t, k = experts.shape
   e = logits.shape[-1]
   capacity = settings.capacity(tokens=t, num_experts=e)
+  if t == 0:  # no tokens: nothing to lay out (the caller returns zeros)
+    return Routed(logits, weights, experts, jnp.zeros((t, k), bool), None)
   if mesh is not None and impl != 'dense':
     if capacity is not None:
       raise ValueError(

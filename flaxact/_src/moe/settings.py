@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import math
 import numbers
 from typing import Any, Literal
@@ -39,8 +40,12 @@ Array = jax.Array
 Router = Literal['softmax', 'sigmoid']
 
 
-def capacity_of(capacity_factor, tokens: int, k: int, num_experts: int):
+def capacity_of(capacity_factor, tokens: Any, k: int, num_experts: int) -> Any:
   """``ceil(capacity_factor * tokens * k / num_experts)``, or ``None``.
+
+  At least 1, and ``tokens`` wherever that is at most the formula (so an
+  infinite factor is dropless). ``tokens`` may be a symbolic dimension
+  (:func:`jax.export`).
 
   Raises:
     TypeError: for a ``capacity_factor`` that is not a number.
@@ -61,6 +66,14 @@ def capacity_of(capacity_factor, tokens: int, k: int, num_experts: int):
       f'capacity_factor must be positive (or None for dropless); got'
       f' {capacity_factor}.'
     )
+  if capacity_factor * k >= num_experts:
+    # At least T: never binds (an expert gets at most one assignment per
+    # token), also for float('inf') and a symbolic token count.
+    return tokens if jax.export.is_symbolic_dim(tokens) else max(1, tokens)
+  if jax.export.is_symbolic_dim(tokens):  # jax.export: exact rational ceil
+    ratio = fractions.Fraction(capacity_factor) * k / num_experts
+    num, den = ratio.numerator, ratio.denominator
+    return (num * tokens + den - 1) // den
   return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
 
 

@@ -48,7 +48,9 @@ class GatedFFN(FFNBase):
     out_features: the output width; ``None`` (default) uses
       ``in_features``.
     fused_gate_up: one fused ``gate_up_proj`` projection instead of
-      ``gate_proj`` and ``up_proj``.
+      ``gate_proj`` and ``up_proj``: the same function given the same
+      weights, though one fused matmul may round differently from two
+      (equal within float tolerance, not bit for bit).
 
   Examples:
     >>> import jax.numpy as jnp

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import DotGeneralT, Dtype, Initializer, PrecisionLike
 
-from flaxact._src.common import checks
+from flaxact._src.common import checks, tracing
 from flaxact._src.layers import moe_body, projection, remat, sharding
 from flaxact._src.layers.projection import DotGeneralCls, ProjectionOptions
 from flaxact._src.moe.api import expert_product
@@ -148,6 +148,9 @@ class MoE(LayerBase):
       only the experts' gate and up pre-activations, ``'moe_gate'`` and
       ``'moe_up'``, and the shared expert's, ``'ffn_gate'`` and
       ``'ffn_up'``; everything else is recomputed).
+    record_intermediates: also record the auxiliary outputs outside
+      ``nnx.capture``, as ``nnx.Intermediate`` attributes of the layer (what
+      ``nnx.bridge.to_linen`` returns under ``mutable=['intermediates']``).
     rngs: ``params`` initialises the weights.
 
   Raises:
@@ -215,6 +218,7 @@ class MoE(LayerBase):
     impl: Impl | str = 'auto',
     tile_size: int = 128,
     remat: bool = True,
+    record_intermediates: bool = False,
     rngs: nnx.Rngs,
   ):
     options = ProjectionOptions(
@@ -261,6 +265,7 @@ class MoE(LayerBase):
     self.num_experts = int(num_experts)
     self.gated_product = gated_product
     self.precision = precision
+    self.record_intermediates = bool(record_intermediates)
     self._build(options, router_use_bias, rngs)
     self._build_shared(
       options, shared_hidden_features, shared_expert_gate, rngs
@@ -302,11 +307,13 @@ class MoE(LayerBase):
     if shared_gate is not None:
       self.shared_expert_gate = shared_gate
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
     """Applies the layer and records its auxiliary outputs.
 
     Args:
       x: input of shape ``(..., in_features)``, floating dtype.
+      deterministic: accepted for a drop-in swap with the dense FFNs; the
+        layer has no randomness, so it changes nothing.
 
     Returns:
       An array of shape ``(..., out_features)`` in ``dtype`` (by default the
@@ -317,10 +324,17 @@ class MoE(LayerBase):
       ValueError: if the last axis of ``x`` is not ``in_features``.
     """
     x = checks.check_layer_input(x, type(self).__name__, self.in_features)
-    y, aux = cast(tuple[Array, moe_body.Aux], self.run(MoE._forward, x, None))
-    if hasattr(self, '__captures__'):  # inside nnx.capture
-      for name, value in zip(moe_body.RECORDED, aux, strict=True):
+    del deterministic  # no dropout or noise
+    with tracing.seen(x, nnx.state(self)):  # what remat would hide
+      out = self.run(MoE._forward, x, None)
+    y, aux = cast(tuple[Array, moe_body.Aux], out)
+    for name, value in aux.recorded().items():
+      if hasattr(self, '__captures__'):  # inside nnx.capture
         self.sow(nnx.Intermediate, name, value)
+      elif self.record_intermediates:  # what nnx.bridge.to_linen reads
+        old = getattr(self, name, None)
+        values = old.get_value() if isinstance(old, nnx.Intermediate) else ()
+        setattr(self, name, nnx.Intermediate((*values, value)))
     return y
 
   def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:

@@ -132,6 +132,10 @@ def _experts(reader: arrays_lib.Reader, spec: MoELayout):
   else:
     num_experts = indices[-1] + 1
   router = reader.get(router_key, 2)
+  if not stacked and router.shape[0] > num_experts != router.shape[1]:
+    # The router has a row per expert: experts past the last key found are
+    # missing (read_per_expert names their keys), not extra router rows.
+    num_experts = router.shape[0]
   if router.shape[0] != num_experts:
     transposed = router.shape[1] == num_experts
     raise ValueError(

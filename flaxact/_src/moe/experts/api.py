@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import typing
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 
 from flaxact._src.common.checks import normalise_choice
 from flaxact._src.common.interception import dot_general_intercepted
+from flaxact._src.common.tracing import transforms
 
 #: A grouped-matmul impl (rows sorted by expert).
 GroupedImpl = Literal['loop', 'ragged', 'tiles']
@@ -93,3 +94,27 @@ def resolve_impl(impl: str, *, hooked: bool = False) -> str:
       stacklevel=2,
     )
   return impl
+
+
+def transform_impl(impl: str, *arrays: Any) -> tuple[str, bool]:
+  """The grouped impl to run under the transforms tracing ``arrays``.
+
+  Returns ``(impl, lean)``; ``lean`` is whether the experts may run under
+  their ``custom_vjp`` (the memory-lean backward). Under forward-mode
+  autodiff (``jax.jvp``, ``jax.jacfwd``; a ``custom_vjp`` has no JVP) every
+  grouped impl runs as ``'tiles'`` differentiated by plain autodiff, and
+  under ``vmap`` ``'ragged'`` runs as ``'tiles'`` (``lax.ragged_dot`` has no
+  batching rule for an unbatched kernel). The results are the same.
+
+  Args:
+    impl: a resolved impl.
+    *arrays: the inputs of the routed FFN (pytrees; ``None`` is fine).
+  """
+  if impl not in GROUPED_IMPLS:
+    return impl, True
+  found = transforms(*arrays)
+  if 'jvp' in found:
+    return 'tiles', False
+  if 'batch' in found and impl == 'ragged':
+    return 'tiles', True
+  return impl, True

@@ -133,8 +133,11 @@ def experts_rows(
   w = weights.T
   wh = w.astype(g.dtype)[..., None]
   # Empty rows are masked, not just weighted by zero: an overflow there
-  # (inf * 0) must not reach y.
-  hid = jnp.where(wh != 0, gated_product(g, u) * wh, 0).astype(g.dtype)
+  # (inf * 0) must not reach y. The product's inputs are masked too, so
+  # the backward pass never multiplies a zero cotangent by an overflow.
+  used = wh != 0
+  g_, u_ = jnp.where(used, g, 0), jnp.where(used, u, 0)
+  hid = jnp.where(used, gated_product(g_, u_) * wh, 0).astype(g.dtype)
   # Back to rows first, so a quantizer's per-row statistics average over
   # rows (its batch axis 0), not over experts.
   return down(jnp.swapaxes(hid, 0, 1), bias_scale=w)
@@ -175,14 +178,19 @@ def experts_ffn(
   t, k = experts.shape
   e, n = num_experts, t * k
   kept = jnp.where(dropped, 0.0, weights)
-  if capacity is None or capacity >= t:
+  symbolic = jax.export.is_symbolic_dim
+  if (
+    capacity is None
+    or capacity == t
+    or (not symbolic(capacity) and not symbolic(t) and capacity >= t)
+  ):
     one_hot = jax.nn.one_hot(experts, e, dtype=kept.dtype)
     # A sum of products, not an einsum: a quantizer intercepting matmuls
     # must not round the routing weights.
     combine = (one_hot * kept[..., None]).sum(1)
     rows = jnp.broadcast_to(x[:, None, :], (t, e, x.shape[-1]))
     return experts_rows(rows, combine, projections, gated_product).sum(0)
-  c = capacity
+  c: Any = capacity  # an int, or a symbolic dimension under jax.export
   flat = experts.reshape(n)
   ok = ~dropped.reshape(n)
   rank = expert_rank(flat, e)

@@ -204,6 +204,22 @@ def _rows(a):
   return a.reshape(-1, *a.shape[2:])
 
 
+def _fori_used(layout, num_tiles: int, body, init):
+  """``body`` over the tiles in use, as a loop of static trip count.
+
+  The trip count is every tile, the unused ones skipped with ``cond``: a
+  static count keeps the loop reverse-differentiable (a ``scan``), which
+  second-order autodiff through the backward pass needs.
+  """
+
+  def step(i, carry):
+    return jax.lax.cond(
+      i < layout.tiles_used, body, lambda i, carry: carry, i, carry
+    )
+
+  return jax.lax.fori_loop(0, num_tiles, step, init)
+
+
 def loop_forward(prod, layout, x, w, kernels, biases, precision):
   """:func:`ffn_forward` tile by tile over the tiles in use."""
   tile = layout.tile
@@ -225,7 +241,7 @@ def loop_forward(prod, layout, x, w, kernels, biases, precision):
       for b, n in zip(bufs, new, strict=True)
     )
 
-  return jax.lax.fori_loop(0, layout.tiles_used, body, bufs)
+  return _fori_used(layout, x.shape[0] // tile, body, bufs)
 
 
 def loop_backward(prod, layout, x, w, g, u, kernels, biases, dout, precision):
@@ -256,7 +272,7 @@ def loop_backward(prod, layout, x, w, g, u, kernels, biases, dout, precision):
       tuple(map(add, db, dbs)),
     )
 
-  return jax.lax.fori_loop(0, layout.tiles_used, body, init)
+  return _fori_used(layout, x.shape[0] // tile, body, init)
 
 
 def grouped_forward(impl, prod, layout, x, w, kernels, biases, precision):

@@ -54,7 +54,19 @@ def _pack(x, w, experts, num_local, ep):
 
 
 def _local(
-  x, w, experts, kernels, biases, *, axis, ep, impl, prod, precision, tile
+  x,
+  w,
+  experts,
+  kernels,
+  biases,
+  *,
+  axis,
+  ep,
+  impl,
+  prod,
+  precision,
+  tile,
+  lean,
 ):
   num_local = kernels[0].shape[0]
   send_x, send_w, local_e, back_row = _pack(x, w, experts, num_local, ep)
@@ -71,6 +83,7 @@ def _local(
     impl=impl,
     gated_product=prod,
     precision=precision,
+    lean=lean,
   )
   back = a2a(y.reshape(ep, -1, y.shape[-1])).reshape(rows, -1)
   return dispatch.combine(back, back_row)
@@ -89,11 +102,13 @@ def expert_parallel_ffn(
   gated_product: Any,
   precision: Any = None,
   tile_size: int = 128,
+  lean: bool = True,
 ) -> Array:
   """The routed experts of ``(T, d)`` tokens, experts sharded over a mesh axis.
 
   Args:
-    x: ``(T, d)`` tokens; ``T`` divisible by the mesh size.
+    x: ``(T, d)`` tokens; padded to a multiple of the mesh size inside (the
+      padding routed to no expert, and sliced off the output).
     weights: ``(T, k)`` routing weights (zero for dropped assignments).
     experts: ``(T, k)`` expert ids; ``num_experts`` marks a dropped one.
     kernels: gate ``(E, d, h)``, up ``(E, d, h)``, down ``(E, h, d_out)``.
@@ -104,13 +119,15 @@ def expert_parallel_ffn(
     gated_product: ``(gate, up) -> hidden``.
     precision: matmul precision.
     tile_size: rows per tile (``'loop'``, ``'tiles'``).
+    lean: the experts' custom VJP (see
+      :func:`flaxact._src.moe.dispatch.experts_ffn`).
 
   Returns:
     ``(T, d_out)`` in the dtype of ``x``.
 
   Raises:
-    ValueError: if the mesh has no ``expert_axis``, or the experts or tokens
-      do not divide evenly.
+    ValueError: if the mesh has no ``expert_axis``, or the experts do not
+      divide evenly over it.
   """
   if expert_axis not in mesh.axis_names:
     raise ValueError(
@@ -119,12 +136,17 @@ def expert_parallel_ffn(
     )
   ep = mesh.shape[expert_axis]
   e = kernels[0].shape[0]
-  if e % ep or x.shape[0] % mesh.size:
+  if e % ep:
     raise ValueError(
       f'expert parallelism over {ep} devices needs num_experts divisible by'
-      f' {ep} and tokens divisible by the mesh size {mesh.size}; got'
-      f' {e} experts and {x.shape[0]} tokens.'
+      f' {ep}; got {e} experts.'
     )
+  t = x.shape[0]
+  pad = -t % mesh.size  # padding tokens: no expert (the id E), dropped after
+  if pad:
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    experts = jnp.pad(experts, ((0, pad), (0, 0)), constant_values=e)
   others = [a for a in mesh.axis_names if a != expert_axis]
   tokens = P((*others, expert_axis))  # tokens split over every mesh axis
   shard = lambda a: None if a is None else P(expert_axis)
@@ -143,6 +165,7 @@ def expert_parallel_ffn(
       prod=gated_product,
       precision=precision,
       tile=tile,
+      lean=lean,
     )
 
   fn = jax.shard_map(
@@ -157,4 +180,17 @@ def expert_parallel_ffn(
     ),
     out_specs=tokens,
   )
-  return fn(x, weights, experts, kernels, biases)
+  if pad or _explicit(mesh):  # the padded tokens: split over the mesh
+    x, weights, experts = (
+      jax.reshard(a, jax.sharding.NamedSharding(mesh, tokens))
+      for a in (x, weights, experts)
+    )
+  y = fn(x, weights, experts, kernels, biases)
+  if pad and _explicit(mesh):  # t rows cannot stay split over the mesh
+    y = jax.reshard(y, jax.sharding.NamedSharding(mesh, P()))
+  return y[:t]
+
+
+def _explicit(mesh) -> bool:
+  explicit = jax.sharding.AxisType.Explicit
+  return any(a == explicit for a in getattr(mesh, 'axis_types', ()))
