@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import core as jax_core
 from jax.ad_checkpoint import checkpoint_name
 
+from flaxact._src.moe.experts import fused_loop
 from flaxact._src.moe.experts import grouped as gm
 
 Array = jax.Array
@@ -159,6 +160,12 @@ def _experts(impl, prod, precision, x, w, layout, kernels, biases):
 
 def _experts_fwd(impl, prod, precision, x, w, layout, kernels, biases):
   k = layout.assign_row.shape[1]
+  if impl == 'loop':
+    y, g, u = fused_loop.forward(
+      prod, layout, k, x, w.reshape(-1), kernels, biases, precision
+    )
+    g, u = checkpoint_name(g, GATE), checkpoint_name(u, UP)
+    return y, (x, w, layout, g, u, kernels, biases)
   xr = take(x, layout.row_assign // k)
   wr = take(w.reshape(-1), layout.row_assign)
   out, g, u = gm.grouped_forward(
@@ -172,14 +179,20 @@ def _experts_fwd(impl, prod, precision, x, w, layout, kernels, biases):
 def _experts_bwd(impl, prod, precision, res, dy):
   x, w, layout, g, u, kernels, biases = res
   k = layout.assign_row.shape[1]
-  token = layout.row_assign // k
-  xr, wr = take(x, token), take(w.reshape(-1), layout.row_assign)
-  dout = take(dy, token)
-  dxr, dwr, dk, db = gm.grouped_backward(
-    impl, prod, layout, (xr, wr, g, u), kernels, biases, dout, precision
-  )
-  dx = combine(dxr, layout.assign_row).astype(x.dtype)
-  dw = take(dwr, layout.assign_row.reshape(-1)).reshape(w.shape)
+  if impl == 'loop':
+    dx, dw, dk, db = fused_loop.backward(
+      prod, layout, k, x, w.reshape(-1), g, u, kernels, biases, dy, precision
+    )
+    dw = dw.reshape(w.shape)
+  else:
+    token = layout.row_assign // k
+    xr, wr = take(x, token), take(w.reshape(-1), layout.row_assign)
+    dout = take(dy, token)
+    dxr, dwr, dk, db = gm.grouped_backward(
+      impl, prod, layout, (xr, wr, g, u), kernels, biases, dout, precision
+    )
+    dx = combine(dxr, layout.assign_row).astype(x.dtype)
+    dw = take(dwr, layout.assign_row.reshape(-1)).reshape(w.shape)
   dk = jax.tree.map(_sum_to_vma, dk, kernels)
   db = jax.tree.map(_sum_to_vma, db, biases)
   return _sum_to_vma(dx, x), _sum_to_vma(dw.astype(w.dtype), w), None, dk, db

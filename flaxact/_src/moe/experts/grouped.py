@@ -14,8 +14,10 @@ FFN, so every impl runs the same arithmetic in the same order:
   One big op per matmul; the gathered kernels cost memory traffic.
 - ``'loop'``: the same padded tiles, visited by a ``while`` loop over the
   tiles in use only (a dynamic trip count); each step is a dense matmul with
-  the tile's expert kernel read in place. The fastest on CPU (measured in
-  ``benchmarks/moe.py``).
+  the tile's expert kernel read in place (:class:`DenseOps`), with the
+  dispatch and combine fused into the tiles
+  (:mod:`flaxact._src.moe.experts.fused_loop`). The fastest on CPU
+  (measured in ``benchmarks/moe.py``).
 
 The backward pass keeps the gate and up pre-activations only and recomputes
 the weighted hidden activation from them.
@@ -185,7 +187,7 @@ def varying(a) -> frozenset:
   return frozenset(getattr(mat, 'varying', ()))
 
 
-def _zeros(shape, dtype, *like):
+def varying_zeros(shape, dtype, *like):
   """Zeros that vary over the mesh axes any of ``like`` varies over.
 
   Inside ``shard_map`` a loop carry must keep its type; a fresh ``zeros``
@@ -204,7 +206,7 @@ def _rows(a):
   return a.reshape(-1, *a.shape[2:])
 
 
-def _fori_used(layout, num_tiles: int, body, init):
+def fori_used(layout, num_tiles: int, body, init):
   """``body`` over the tiles in use, as a loop of static trip count.
 
   The trip count is every tile, the unused ones skipped with ``cond``: a
@@ -220,65 +222,8 @@ def _fori_used(layout, num_tiles: int, body, init):
   return jax.lax.fori_loop(0, num_tiles, step, init)
 
 
-def loop_forward(prod, layout, x, w, kernels, biases, precision):
-  """:func:`ffn_forward` tile by tile over the tiles in use."""
-  tile = layout.tile
-  r, h = x.shape[0], kernels[0].shape[-1]
-  like = (x, w, *kernels)
-  bufs = (
-    _zeros((r, kernels[2].shape[-1]), x.dtype, *like),
-    _zeros((r, h), x.dtype, *like),
-    _zeros((r, h), x.dtype, *like),
-  )
-
-  def body(i, bufs):
-    ops = DenseOps(layout.tile_expert[i], precision)
-    xs = jax.lax.dynamic_slice_in_dim(x, i * tile, tile)
-    ws = jax.lax.dynamic_slice_in_dim(w, i * tile, tile)
-    new = ffn_forward(ops, prod, xs, ws, kernels, biases)
-    return tuple(
-      jax.lax.dynamic_update_slice_in_dim(b, n, i * tile, 0)
-      for b, n in zip(bufs, new, strict=True)
-    )
-
-  return _fori_used(layout, x.shape[0] // tile, body, bufs)
-
-
-def loop_backward(prod, layout, x, w, g, u, kernels, biases, dout, precision):
-  """:func:`ffn_backward` tile by tile, accumulating weight gradients."""
-  tile = layout.tile
-  like = (x, w, g, dout, *kernels)
-  zeros = lambda a: None if a is None else _zeros(a.shape, a.dtype, *like)
-  init = (
-    zeros(x),
-    zeros(w),
-    tuple(map(zeros, kernels)),
-    tuple(map(zeros, biases)),
-  )
-
-  def body(i, carry):
-    dx, dw, dk, db = carry
-    e = layout.tile_expert[i]
-    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * tile, tile)
-    ops = DenseOps(e, precision)
-    args = (sl(x), sl(w), sl(g), sl(u), kernels, biases, sl(dout))
-    dxs, dws, dks, dbs = ffn_backward(ops, prod, *args)
-    put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, i * tile, 0)
-    add = lambda a, v: None if a is None else a.at[e].add(v)
-    return (
-      put(dx, dxs),
-      put(dw, dws),
-      tuple(map(add, dk, dks)),
-      tuple(map(add, db, dbs)),
-    )
-
-  return _fori_used(layout, x.shape[0] // tile, body, init)
-
-
 def grouped_forward(impl, prod, layout, x, w, kernels, biases, precision):
-  """``(out, gate, up)`` over all rows of ``layout`` with ``impl``."""
-  if impl == 'loop':
-    return loop_forward(prod, layout, x, w, kernels, biases, precision)
+  """``(out, gate, up)`` over all rows: ``'ragged'`` or ``'tiles'``."""
   if impl == 'ragged':
     ops = RaggedOps(layout.sizes, layout.row_expert, precision)
     return ffn_forward(ops, prod, x, w, kernels, biases)
@@ -289,11 +234,8 @@ def grouped_forward(impl, prod, layout, x, w, kernels, biases, precision):
 
 
 def grouped_backward(impl, prod, layout, res, kernels, biases, dout, precision):
-  """``(dx, dw, dkernels, dbiases)`` over all rows of ``layout``."""
+  """``(dx, dw, dkernels, dbiases)`` over all rows: ``'ragged'``/``'tiles'``."""
   x, w, g, u = res
-  if impl == 'loop':
-    args = (x, w, g, u, kernels, biases, dout, precision)
-    return loop_backward(prod, layout, *args)
   if impl == 'ragged':
     ops = RaggedOps(layout.sizes, layout.row_expert, precision)
     return ffn_backward(ops, prod, x, w, g, u, kernels, biases, dout)
