@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 
 import _cli
+import _results
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -243,49 +244,46 @@ def train_all(acts: dict, args, data) -> list[dict]:
 
 def summarise(runs: list[dict], names: list[str], seeds: int) -> list[dict]:
   """Median, minimum and maximum final test error per activation."""
-  summary = []
-  for name in names:
-    mine = [r for r in runs if r['activation'] == name]
+
+  def row(name: str, mine: list[dict]) -> dict:
     final = np.array([r['test_error'][-1] for r in mine])
     loss = np.array([r['train_loss'][-1] for r in mine])
-    summary.append(
-      {
-        'activation': name,
-        'median_test_error': float(np.median(final)),
-        'min_test_error': float(final.min()),
-        'max_test_error': float(final.max()),
-        'median_final_train_loss': float(np.median(loss)),
-        'seeds': seeds,
-      }
-    )
-  return summary
+    return {
+      'activation': name,
+      'median_test_error': float(np.median(final)),
+      'min_test_error': float(final.min()),
+      'max_test_error': float(final.max()),
+      'median_final_train_loss': float(np.median(loss)),
+      'seeds': seeds,
+    }
+
+  return _results.summarise(runs, names, key='activation', row=row)
 
 
 def print_table(summary: list[dict], args, data) -> None:
   """The settings in one line, then the results table."""
-  rows = [
-    (
-      s['activation'],
-      f'{100 * s["median_test_error"]:.2f}%',
-      f'{100 * s["min_test_error"]:.2f}–{100 * s["max_test_error"]:.2f}%',
-      f'{s["median_final_train_loss"]:.4f}',
-    )
-    for s in summary
-  ]
   print(
     f'\n{args.depth}x{args.width} MLP, Adam lr {args.lr:g}, batch'
     f' {args.batch_size}, {args.epochs} epochs, {args.seeds} seeds;'
     f' {data[0].shape[0]} train / {data[2].shape[0]} test digits\n'
   )
   print(
-    _cli.format_table(
+    _results.table(
+      summary,
       [
-        'activation',
-        'median test error',
-        'range over seeds',
-        'median final train loss',
+        ('activation', lambda s: s['activation']),
+        ('median test error', lambda s: f'{100 * s["median_test_error"]:.2f}%'),
+        (
+          'range over seeds',
+          lambda s: (
+            f'{100 * s["min_test_error"]:.2f}–{100 * s["max_test_error"]:.2f}%'
+          ),
+        ),
+        (
+          'median final train loss',
+          lambda s: f'{s["median_final_train_loss"]:.4f}',
+        ),
       ],
-      rows,
     )
   )
 

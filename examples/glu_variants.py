@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 
 import _cli
+import _results
 import numpy as np
 from charlm import data, flags, model, train
 
@@ -192,75 +193,39 @@ def results_json(
 
 def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
   """Per-variant means and spreads over seeds, and each variant's rank."""
-  rows = []
-  for v in variants:
-    rs = [r for r in runs if r['variant'] == v]
-    val = np.array([r['val_bpc'] for r in rs])
-    rows.append(
-      {
-        'variant': v,
-        'gated': model.VARIANTS[v][0],
-        'params': rs[0]['params'],
-        'ffn_hidden': rs[0]['ffn_hidden'],
-        'final_train_bpc': float(np.mean([r['final_train_bpc'] for r in rs])),
-        'val_bpc': float(val.mean()),
-        'val_bpc_std': float(val.std(ddof=1)) if len(val) > 1 else None,
-        'val_bpc_min': float(val.min()),
-        'val_bpc_max': float(val.max()),
-        'tokens_per_second': float(
-          np.median([r['tokens_per_second'] or 0 for r in rs])
-        ),
-        'seeds': len(rs),
-        'paper_log_ppl': PAPER_LOG_PPL[v],
-      }
-    )
-  order = sorted(range(len(rows)), key=lambda i: rows[i]['val_bpc'])
-  for rank, i in enumerate(order, 1):
-    rows[i]['rank'] = rank
-  return rows
+  return _results.summarise(
+    runs,
+    variants,
+    key='variant',
+    rank_by='val_bpc',
+    row=lambda v, rs: {
+      'variant': v,
+      'gated': model.VARIANTS[v][0],
+      'params': rs[0]['params'],
+      'ffn_hidden': rs[0]['ffn_hidden'],
+      **_results.lm_stats(rs, spread=True),
+      'seeds': len(rs),
+      'paper_log_ppl': PAPER_LOG_PPL[v],
+    },
+  )
 
 
 def report(result: dict, args) -> str:
   """The results table (Markdown) and a one-line setting summary."""
-  rows = []
-  for s in result['summary']:
-    val = f'{s["val_bpc"]:.4f}'
-    if s['val_bpc_std'] is not None:
-      val += f' ± {s["val_bpc_std"]:.4f}'
-    rows.append(
-      (
-        s['rank'],
-        model.DISPLAY[s['variant']],
-        f'{s["params"]:,}',
-        s['ffn_hidden'],
-        f'{s["final_train_bpc"]:.4f}',
-        val,
-        f'{s["tokens_per_second"]:,.0f}',
-        f'{s["paper_log_ppl"]:.3f}',
-      )
-    )
-  seeds = f'{args.seeds} seed' + ('s (mean ± std)' if args.seeds > 1 else '')
-  head = (
-    f'\nd_model {args.d_model}, {args.layers} layers, {args.heads} heads,'
-    f' sequence {args.seq_len}, batch {args.batch_size}, {args.steps} steps,'
-    f' AdamW lr {args.lr:g}, {seeds}; {result["wall_seconds"]:.0f} s in'
-    ' all. val loss: the whole validation split'
-    f' ({result["runs"][0]["val_tokens"]:,} characters)\n'
-  )
-  table = _cli.format_table(
+  return _results.lm_report(
+    result,
+    args,
     [
-      'rank',
-      'variant',
-      'params',
-      'FFN hidden',
-      'train loss (bpc)',
-      'val loss (bpc)',
-      'tokens/s',
-      'paper log-ppl',
+      _results.RANK,
+      ('variant', lambda s: model.DISPLAY[s['variant']]),
+      ('params', lambda s: f'{s["params"]:,}'),
+      _results.FFN_HIDDEN,
+      _results.TRAIN_BPC,
+      _results.VAL_BPC,
+      _results.TOKENS_PER_SECOND,
+      ('paper log-ppl', lambda s: f'{s["paper_log_ppl"]:.3f}'),
     ],
-    rows,
   )
-  return head + '\n' + table
 
 
 def plot(runs: list[dict], variants: list[str], path: str, source: str):

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 
 import _cli
+import _results
 import numpy as np
 from charlm import data, flags
 from charlm import train as charlm_train
@@ -166,84 +167,50 @@ def results_json(
 
 def summarise(runs: list[dict], names: list[str]) -> list[dict]:
   """Per-arm means and spreads over seeds, and each arm's rank."""
-  rows = []
-  for arm in names:
-    rs = [r for r in runs if r['arm'] == arm]
-    val = np.array([r['val_bpc'] for r in rs])
+
+  def row(arm: str, rs: list[dict]) -> dict:
     loads = [
       max(r['final_load_imbalance']) for r in rs if r['final_load_imbalance']
     ]
-    rows.append(
-      {
-        'arm': arm,
-        'label': arms.ARMS[arm].label,
-        'active_params': rs[0]['params']['active'],
-        'total_params': rs[0]['params']['total'],
-        'ffn_hidden': rs[0]['ffn_hidden'],
-        'final_train_bpc': float(np.mean([r['final_train_bpc'] for r in rs])),
-        'val_bpc': float(val.mean()),
-        'val_bpc_std': float(val.std(ddof=1)) if len(val) > 1 else None,
-        'tokens_per_second': float(
-          np.median([r['tokens_per_second'] or 0 for r in rs])
-        ),
-        'load_imbalance': float(np.mean(loads)) if loads else None,
-        'seeds': len(rs),
-      }
-    )
-  order = sorted(range(len(rows)), key=lambda i: rows[i]['val_bpc'])
-  for rank, i in enumerate(order, 1):
-    rows[i]['rank'] = rank
-  return rows
+    return {
+      'arm': arm,
+      'label': arms.ARMS[arm].label,
+      'active_params': rs[0]['params']['active'],
+      'total_params': rs[0]['params']['total'],
+      'ffn_hidden': rs[0]['ffn_hidden'],
+      **_results.lm_stats(rs),
+      'load_imbalance': float(np.mean(loads)) if loads else None,
+      'seeds': len(rs),
+    }
+
+  return _results.summarise(runs, names, key='arm', row=row, rank_by='val_bpc')
 
 
 def report(result: dict, args) -> str:
   """The results table (Markdown) and a one-line setting summary."""
-  rows = []
-  for s in result['summary']:
-    val = f'{s["val_bpc"]:.4f}'
-    if s['val_bpc_std'] is not None:
-      val += f' ± {s["val_bpc_std"]:.4f}'
-    load = s['load_imbalance']
-    rows.append(
-      (
-        s['rank'],
-        s['label'],
-        s['ffn_hidden'],
-        f'{s["active_params"]:,}',
-        f'{s["total_params"]:,}',
-        f'{s["final_train_bpc"]:.4f}',
-        val,
-        f'{s["tokens_per_second"]:,.0f}',
-        '–' if load is None else f'{load:.2f}',
-      )
-    )
   moe = result['config']['moe']
-  seeds = f'{args.seeds} seed' + ('s (mean ± std)' if args.seeds > 1 else '')
-  head = (
-    f'\nd_model {args.d_model}, {args.layers} layers, {args.heads} heads,'
-    f' sequence {args.seq_len}, batch {args.batch_size}, {args.steps} steps,'
-    f' AdamW lr {args.lr:g}, {seeds}; MoE {moe["experts"]} experts top-'
-    f'{moe["top_k"]}, LB-loss weight {moe["aux_coef"]:g}, bias rate'
-    f' {moe["bias_rate"]:g}; {result["wall_seconds"]:.0f} s in all. val'
-    ' loss: the whole validation split'
-    f' ({result["runs"][0]["val_tokens"]:,} characters); load: busiest'
-    f' expert / mean, worst layer, last {train.FINAL_LOAD_STEPS} steps\n'
+  load = lambda s: (
+    '–' if s['load_imbalance'] is None else f'{s["load_imbalance"]:.2f}'
   )
-  table = _cli.format_table(
+  return _results.lm_report(
+    result,
+    args,
     [
-      'rank',
-      'arm',
-      'FFN hidden',
-      'active params',
-      'total params',
-      'train loss (bpc)',
-      'val loss (bpc)',
-      'tokens/s',
-      'load max/mean',
+      _results.RANK,
+      ('arm', lambda s: s['label']),
+      _results.FFN_HIDDEN,
+      ('active params', lambda s: f'{s["active_params"]:,}'),
+      ('total params', lambda s: f'{s["total_params"]:,}'),
+      _results.TRAIN_BPC,
+      _results.VAL_BPC,
+      _results.TOKENS_PER_SECOND,
+      ('load max/mean', load),
     ],
-    rows,
+    setting=f'MoE {moe["experts"]} experts top-{moe["top_k"]}, LB-loss'
+    f' weight {moe["aux_coef"]:g}, bias rate {moe["bias_rate"]:g}; ',
+    note='; load: busiest expert / mean, worst layer, last'
+    f' {train.FINAL_LOAD_STEPS} steps',
   )
-  return head + '\n' + table
 
 
 def plot(result: dict, path: str, source: str) -> None:

@@ -1,12 +1,12 @@
 """Runs the code blocks of the docs page "Checkpoints and export".
 
-Each block follows an HTML comment ``<!-- recipe: NAME -->``; a chain of
-names (``('nnx', 'nnx-mesh')``) runs in one namespace, in order, with
-``ckpt_dir`` set, exactly as ``docs/checkpoints.md`` shows them.
-``tests/test_checkpoints.py`` runs the one-device chains in its own process
-and this file as a script for the mesh chains, on 8 simulated CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``): it prints one JSON
-object with, per chain, a comparison of every saved and restored leaf (or
+Each block follows an HTML comment ``<!-- recipe: NAME -->``; a chain of names
+(``('nnx', 'nnx-mesh')``) runs in one namespace, in order, with ``ckpt_dir``
+set, exactly as ``docs/checkpoints.md`` shows them.
+``tests/integration/test_checkpoints.py`` runs the one-device chains in its own
+process and this file as a script for the mesh chains, on 8 simulated CPU
+devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``): it prints one
+JSON object with, per chain, a comparison of every saved and restored leaf (or
 the traceback).
 """
 
@@ -92,10 +92,9 @@ def _mesh_facts(name: str, ns: dict) -> dict:
 
 
 def main() -> None:
-  import jax
+  from tests.multidevice import require_devices
 
-  if jax.device_count() != 8:
-    raise SystemExit(f'needs 8 devices, got {jax.device_count()}')
+  require_devices(8)
   ckpt_dir = pathlib.Path(sys.argv[1]).resolve()
   results = {}
   for name, chain in MESH_CHAINS.items():

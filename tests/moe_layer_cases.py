@@ -1,11 +1,10 @@
 """MoE layers on 8 simulated CPU devices: expert parallelism and TP inside.
 
-Run by ``tests/test_moe_layers_sharding.py`` as one subprocess started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``; prints one JSON
+Run by ``tests/layers/test_moe_layers_sharding.py`` as one subprocess started
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; prints one JSON
 object with, per case, the experts-axis shard of every expert kernel, how far
-the sharded output and gradients are from the single-device layer's (an
-allclose ratio: at most 1 passes), and the collectives in the compiled
-forward.
+the sharded output and gradients are from the single-device layer's (an allclose
+ratio: at most 1 passes), and the collectives in the compiled forward.
 
 Cases:
 
@@ -32,6 +31,7 @@ from flax import nnx
 
 from flaxact import linen as fl
 from flaxact import nnx as fx
+from tests.multidevice import auto_mesh, require_devices
 
 T, D, H, E, K = 16, 8, 16, 8, 2
 TOL = dict(rtol=1e-5, atol=1e-5)  # all-to-all/psum reorder float32 sums
@@ -47,11 +47,6 @@ KERNELS = ('gate_proj', 'up_proj', 'down_proj')
 
 def _x():
   return jax.random.normal(jax.random.key(1), (T, D))
-
-
-def _mesh(shape, names):
-  auto = (jax.sharding.AxisType.Auto,) * len(names)
-  return jax.make_mesh(shape, names, axis_types=auto)
 
 
 def _ratio(got, want) -> float:
@@ -150,8 +145,9 @@ def linen_case(mesh, rules) -> dict:
 
 
 def main() -> None:
-  ep = _mesh((2, 4), ('data', 'expert'))
-  tp = _mesh((4, 2), ('expert', 'model'))
+  require_devices(8)
+  ep = auto_mesh((2, 4), ('data', 'expert'))
+  tp = auto_mesh((4, 2), ('expert', 'model'))
   cases = {
     'nnx_ep': lambda: nnx_case(ep, fx.EXPERT_PARALLEL_RULES),
     'linen_ep': lambda: linen_case(ep, fl.EXPERT_PARALLEL_RULES),

@@ -11,13 +11,12 @@ reader under test).
 
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Any
 
 import numpy as np
 
-DATA = pathlib.Path(__file__).parent / 'data' / 'moe_reference.npz'
+from tests.reference_npz import load_cases
+
 LAYOUTS = (
   'mixtral',
   'qwen2_moe',
@@ -29,27 +28,12 @@ LAYOUTS = (
 FORMATS = ('stacked', 'per_expert')
 
 
-def _load() -> dict[str, dict[str, Any]]:
-  cases: dict[str, dict[str, Any]] = {}
-  with np.load(DATA) as data:
-    for key in data.files:
-      if key == 'versions':
-        continue
-      name, field = key.split('.', 1)
-      case = cases.setdefault(name, {f: {} for f in (*FORMATS, 'grad')})
-      group, _, rest = field.partition('.')
-      if group in case and rest:
-        case[group][rest] = data[key]
-      elif field in ('layout', 'module', 'prefix'):
-        case[field] = str(data[key])
-      elif field == 'config':
-        case[field] = json.loads(str(data[key]))
-      else:
-        case[field] = data[key]
-  return cases
-
-
-REFERENCE = _load()
+REFERENCE, _ = load_cases(
+  'moe_reference.npz',
+  groups=(*FORMATS, 'grad'),
+  strings=('layout', 'module', 'prefix'),
+  json_fields=('config',),
+)
 
 
 def state_dict(name: str, key_format: str) -> tuple[dict[str, Any], str]:

@@ -1,6 +1,6 @@
 """Sharding cases on 8 simulated CPU devices, mesh ``data=2, model=4``.
 
-Run by ``tests/test_sharding.py`` in a subprocess started with
+Run by ``tests/layers/test_sharding.py`` in a subprocess started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is
 fixed when JAX starts, so it cannot share a process with the other tests).
 """
@@ -19,6 +19,7 @@ from flax import nnx
 
 from flaxact import linen as fl
 from flaxact import nnx as fx
+from tests.multidevice import auto_mesh, require_devices
 
 B, D, H = 8, 16, 32
 MODEL = 4
@@ -29,16 +30,8 @@ SHARDED_TOL = dict(rtol=1e-5, atol=1e-5)
 
 @pytest.fixture(scope='module')
 def mesh():
-  if jax.device_count() < 8:
-    pytest.fail(
-      f'needs 8 devices, got {jax.device_count()}: run through'
-      ' tests/test_sharding.py'
-    )
-  return jax.make_mesh(
-    (2, MODEL),
-    ('data', 'model'),
-    axis_types=(jax.sharding.AxisType.Auto,) * 2,
-  )
+  require_devices(8)
+  return auto_mesh((2, MODEL), ('data', 'model'))
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """Stacked FFN layers on 8 simulated CPU devices, every exported rule set.
 
-Run by ``tests/test_stacked_sharding.py`` as one subprocess started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``. For each case (a
+Run by ``tests/layers/test_stacked_sharding.py`` as one subprocess started
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. For each case (a
 stacking transform x a layer x a rule set) it builds a stack of ``L`` layers
 with the stacked axis named ``'layers'`` (the README's recipe), sharded at
 creation on the mesh, takes one optax training step there and the same step
@@ -47,6 +47,7 @@ from flax import nnx
 
 from flaxact import linen as fl
 from flaxact import nnx as fx
+from tests.multidevice import auto_mesh, require_devices
 
 B, D, H, L = 8, 16, 32, 4
 # MoE: expert hidden width, experts, experts per token.
@@ -130,9 +131,7 @@ def make_mesh(rules) -> jax.sharding.Mesh:
       if a is not None and a not in axes:
         axes.append(a)
   shape = {1: (8,), 2: (2, 4)}[len(axes)]
-  return jax.make_mesh(
-    shape, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes)
-  )
+  return auto_mesh(shape, tuple(axes))
 
 
 def expected_spec(rules, logical) -> list:
@@ -383,8 +382,7 @@ def run_case(stack, kind, rules) -> dict:
 
 
 def main() -> None:
-  if jax.device_count() != 8:
-    raise SystemExit(f'needs 8 devices, got {jax.device_count()}')
+  require_devices(8)
   results = {}
   with jax.default_matmul_precision('highest'):
     for stack, kind, name in cases():

@@ -10,42 +10,20 @@ Torch tensors are stood in for by :class:`FakeTensor`.
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 from scipy import special
 
 from flaxact._src.interop.torch.ffn import TorchFFN
+from tests.reference_npz import load_cases
 
-DATA = pathlib.Path(__file__).parent / 'data' / 'torch_reference.npz'
-
-
-def _load() -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
-  ffns: dict[str, dict] = {}
-  acts: dict[str, dict] = {}
-  versions: dict[str, str] = {}
-  with np.load(DATA) as data:
-    for key in data.files:
-      if key.endswith('_version'):
-        versions[key] = str(data[key])
-        continue
-      name, field = key.split('.', 1)
-      table, name = (
-        (acts, name[4:]) if name.startswith('act_') else (ffns, name)
-      )
-      case = table.setdefault(name, {'sd': {}})
-      if field.startswith('sd.'):
-        case['sd'][field[3:]] = data[key]
-      elif field in ('layout', 'activation'):
-        case[field] = str(data[key])
-      else:
-        case[field] = data[key]
-  return ffns, acts, versions
-
-
+_CASES, VERSIONS = load_cases(
+  'torch_reference.npz', groups=('sd',), strings=('layout', 'activation')
+)
 #: FFN cases by name: ``sd``, ``x``, ``y``, ``ct``, ``gx``, ``layout``,
-#: ``activation``; Hugging Face activation cases: ``x``, ``y``, ``g``.
-REFERENCE, ACT_REFERENCE, VERSIONS = _load()
+#: ``activation``; Hugging Face activation cases (stored as ``act_<name>``):
+#: ``x``, ``y``, ``g``.
+REFERENCE = {n: c for n, c in _CASES.items() if not n.startswith('act_')}
+ACT_REFERENCE = {n[4:]: c for n, c in _CASES.items() if n.startswith('act_')}
 CASE_NAMES = sorted(REFERENCE)
 
 

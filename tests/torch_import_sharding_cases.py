@@ -1,7 +1,7 @@
 """``nnx.from_torch`` under a mesh, on 8 simulated CPU devices.
 
-Run by ``tests/test_torch_import_sharding.py`` in a subprocess started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+Run by ``tests/interop/test_torch_import_sharding.py`` in a subprocess
+started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from flaxact import nnx as fx
+from tests.multidevice import auto_mesh, require_devices
 from tests.torch_helpers import REFERENCE
 
 P = jax.sharding.PartitionSpec
@@ -20,14 +21,8 @@ P = jax.sharding.PartitionSpec
 
 @pytest.fixture(scope='module')
 def mesh():
-  if jax.device_count() < 8:
-    pytest.fail(
-      f'needs 8 devices, got {jax.device_count()}: run through'
-      ' tests/test_torch_import_sharding.py'
-    )
-  return jax.make_mesh(
-    (2, 4), ('data', 'model'), axis_types=(jax.sharding.AxisType.Auto,) * 2
-  )
+  require_devices(8)
+  return auto_mesh((2, 4), ('data', 'model'))
 
 
 def _spec(param) -> P:

@@ -8,11 +8,6 @@ recipes run in one subprocess on 8 simulated CPU devices.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import chex
 import flax.linen as nn
 import jax
@@ -26,6 +21,7 @@ from flax import nnx
 from flaxact import linen as fl
 from flaxact import nnx as fx
 from tests import docs_recipes
+from tests.multidevice import json_report
 
 L = 4  # stacked layers
 
@@ -194,22 +190,7 @@ def test_export_recipe_round_trips_forward_and_gradient():
 
 
 def _mesh_report(ckpt_dir) -> dict:
-  flags = os.environ.get('XLA_FLAGS', '')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count=8'.strip(),
-    'JAX_PLATFORMS': 'cpu',
-  }
-  result = subprocess.run(
-    [sys.executable, '-W', 'error', docs_recipes.__file__, ckpt_dir],
-    cwd=docs_recipes.ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
-  return json.loads(result.stdout)
+  return json_report(docs_recipes.__file__, ckpt_dir)
 
 
 def test_mesh_recipes_keep_shardings_and_values(tmp_path):

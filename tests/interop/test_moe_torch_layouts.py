@@ -11,8 +11,6 @@ written here, which must reproduce the stored ``transformers`` outputs.
 from __future__ import annotations
 
 import importlib
-import json
-import pathlib
 import sys
 import types
 
@@ -28,40 +26,7 @@ from flaxact._src.interop.torch.moe_layouts import (
   TorchMoE,
   parse_moe_state_dict,
 )
-
-DATA = pathlib.Path(__file__).parents[1] / 'data' / 'moe_reference.npz'
-LAYOUTS = (
-  'mixtral',
-  'qwen2_moe',
-  'qwen3_moe',
-  'deepseek_v3',
-  'gpt_oss',
-  'olmoe',
-)
-FORMATS = ('stacked', 'per_expert')
-
-
-def _load() -> dict[str, dict]:
-  cases: dict[str, dict] = {}
-  with np.load(DATA) as data:
-    for key in data.files:
-      if key == 'versions':
-        continue
-      name, field = key.split('.', 1)
-      case = cases.setdefault(name, {f: {} for f in (*FORMATS, 'grad')})
-      group, _, rest = field.partition('.')
-      if group in case and rest:
-        case[group][rest] = data[key]
-      elif field in ('layout', 'module', 'prefix'):
-        case[field] = str(data[key])
-      elif field == 'config':
-        case[field] = json.loads(str(data[key]))
-      else:
-        case[field] = data[key]
-  return cases
-
-
-REFERENCE = _load()
+from tests.moe_torch_helpers import FORMATS, LAYOUTS, REFERENCE
 
 
 def _parse(

@@ -7,30 +7,15 @@ Python process started with
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
+
+from tests.multidevice import PYTEST, run_on_simulated_devices
 
 CASES = pathlib.Path(__file__).parents[1] / 'torch_import_sharding_cases.py'
 
 
 def test_from_torch_sharding_cases_on_8_simulated_cpu_devices():
-  flags = os.environ.get('XLA_FLAGS', '')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count=8'.strip(),
-    'JAX_PLATFORMS': 'cpu',
-  }
-  result = subprocess.run(
-    [sys.executable, '-m', 'pytest', '-q', '-p', 'no:xdist', '-p',
-     'no:randomly', str(CASES)],
-    cwd=CASES.parent.parent,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )  # fmt: skip
+  result = run_on_simulated_devices(*PYTEST, CASES)
   report = result.stdout + result.stderr
   assert result.returncode == 0, report
   assert '4 passed' in report and 'skipped' not in report, report

@@ -14,34 +14,16 @@ too: ``jit`` partitions its stacked-kernel matmuls, no kernel is gathered.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 from tests import moe_layer_cases
+from tests.multidevice import json_report
 
 CASES = pathlib.Path(moe_layer_cases.__file__)
 
 
 def _report() -> dict:
-  flags = os.environ.get('XLA_FLAGS', '')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count=8'.strip(),
-    'JAX_PLATFORMS': 'cpu',
-  }
-  result = subprocess.run(
-    [sys.executable, str(CASES)],
-    cwd=CASES.parent.parent,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
-  return json.loads(result.stdout)
+  return json_report(CASES)
 
 
 def _problems(case: str, result: dict, hidden_shard: int) -> list[str]:

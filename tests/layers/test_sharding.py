@@ -8,29 +8,15 @@ pytest test there, and this test fails with their report if any fails.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
+
+from tests.multidevice import PYTEST, run_on_simulated_devices
 
 CASES = pathlib.Path(__file__).parents[1] / 'sharding_cases.py'
 
 
 def test_sharding_cases_on_8_simulated_cpu_devices():
-  flags = os.environ.get('XLA_FLAGS', '')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count=8'.strip(),
-    'JAX_PLATFORMS': 'cpu',
-  }
-  result = subprocess.run(
-    [sys.executable, '-m', 'pytest', '-q', '-p', 'no:xdist', str(CASES)],
-    cwd=CASES.parent.parent,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  result = run_on_simulated_devices(*PYTEST, CASES)
   report = result.stdout + result.stderr
   assert result.returncode == 0, report
   assert ' passed' in report and 'skipped' not in report, report

@@ -12,35 +12,17 @@ updated parameters equal the unsharded step's.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 from tests import stacked_cases
+from tests.multidevice import json_report
 
 CASES = pathlib.Path(stacked_cases.__file__)
 
 
 @functools.cache
 def _report() -> dict:
-  flags = os.environ.get('XLA_FLAGS', '')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count=8'.strip(),
-    'JAX_PLATFORMS': 'cpu',
-  }
-  result = subprocess.run(
-    [sys.executable, str(CASES)],
-    cwd=CASES.parent.parent,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
-  return json.loads(result.stdout)
+  return json_report(CASES)
 
 
 def _problems(case: str, result: dict) -> list[str]:

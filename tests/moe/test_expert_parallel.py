@@ -8,10 +8,9 @@ compiled step moves tokens with all-to-all and never all-gathers a kernel.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from tests.multidevice import run_on_simulated_devices
 
 SCRIPT = textwrap.dedent(
   """
@@ -63,17 +62,6 @@ SCRIPT = textwrap.dedent(
 
 
 def test_expert_parallel_on_8_simulated_devices():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  env['JAX_PLATFORMS'] = 'cpu'
-  done = subprocess.run(
-    [sys.executable, '-c', SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    check=False,
-    cwd=os.path.dirname(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ),
-  )
+  done = run_on_simulated_devices('-c', SCRIPT)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'EP OK' in done.stdout

@@ -9,9 +9,6 @@ pins its fix.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +20,7 @@ import flaxact
 from flaxact import linen as fl
 from flaxact import nnx as fx
 from flaxact._src.common import tracing
+from tests.multidevice import run_on_simulated_devices
 
 IMPLS = ('loop', 'tiles', 'ragged', 'dense')
 T, D, H, E, K = 6, 8, 16, 4, 2
@@ -224,20 +222,6 @@ print('EP PAD OK')
 
 def test_expert_parallel_pads_token_counts_that_do_not_divide_the_mesh():
   # batch-1 decoding (and 0, 5, 13 tokens) on a data=2, expert=4 mesh
-  root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-  env = dict(
-    os.environ,
-    XLA_FLAGS='--xla_force_host_platform_device_count=8',
-    JAX_PLATFORMS='cpu',
-    PYTHONPATH=root,
-  )
-  done = subprocess.run(
-    [sys.executable, '-c', EP_SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    check=False,
-    cwd=root,
-  )
+  done = run_on_simulated_devices('-c', EP_SCRIPT)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'EP PAD OK' in done.stdout
