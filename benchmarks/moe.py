@@ -38,9 +38,10 @@ Method: a figure is a ratio taken in one run on a quiet machine. The JAX
 rows run in this process, which never imports torch (torch's thread pools
 distort them); the ``transformers`` rows run in a child process. Rounds are
 interleaved, medians and minima reported, and ``/proc/loadavg`` is read
-before and after: above ``--max-load`` (0.5 per core) the script refuses to
-run, or, with ``--allow-busy``, runs and marks the figures as taken under
-load (never to be published).
+before and after (the reading after includes this run's own threads): above
+``--max-load`` (0.5 per core) before the run the script refuses to run, or,
+with ``--allow-busy``, runs and marks the figures as taken under load (never
+to be published).
 
 Usage::
 
@@ -511,11 +512,13 @@ def main(argv=None):
     _print_layer(results['layer'], a.repeats)
   results['torch'] = torch_res
   load['after'] = loadavg()
-  load['busy'] = max(load['before'][0], load['after'][0]) > load['limit']
+  # The run's own threads raise the 1-minute average it ends with: only the
+  # reading before the run can tell whether the machine was quiet.
+  load['busy'] = load['before'][0] > load['limit']
   results['load'] = load
   print(
     f'load average before {load["before"][0]:.2f}, after'
-    f' {load["after"][0]:.2f} ({load["cores"]} cores)'
+    f' {load["after"][0]:.2f} (this run included; {load["cores"]} cores)'
     + ('  UNDER LOAD: not publishable' if load['busy'] else '')
   )
   if a.json:
