@@ -187,11 +187,14 @@ class LayerBase(nn.Module):
 
 
 class FFNBase(LayerBase):
-  """:class:`LayerBase` with dropout and ``activations_in_float32``.
+  """``LayerBase`` with dropout and ``activations_in_float32``.
 
   The base of the dense FFN layers. Subclasses declare their positional
   fields (``hidden_features``, ...) and ``activation`` with its default,
-  and implement ``_forward(x, key)`` decorated with ``nn.compact``.
+  and implement ``_forward(x, key)`` decorated with ``nn.compact``. The
+  other options (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
+  initialisers, ``dot_general``, ``dot_general_cls``, ``remat``) are
+  documented on ``LayerBase``.
 
   Attributes:
     dropout_rate: dropout rate on the hidden activation (before
@@ -207,10 +210,6 @@ class FFNBase(LayerBase):
       then float32 (twice the memory). Holds under any ``dot_general``: the
       projection's output is cast to float32 when a hook ignores
       ``preferred_element_type``.
-
-  The other options (``use_bias``, ``dtype``, ``param_dtype``,
-  ``precision``, initialisers, ``dot_general``, ``dot_general_cls``,
-  ``remat``) are documented on :class:`LayerBase`.
   """
 
   _: dataclasses.KW_ONLY
