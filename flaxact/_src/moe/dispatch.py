@@ -32,6 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from flaxact._src.moe.experts import fused_loop
 from flaxact._src.moe.experts import grouped as gm
+from flaxact._src.moe.experts.grouped import take
 
 Array = jax.Array
 
@@ -140,11 +141,6 @@ def make_layout(
     assign_row=assign_row.reshape(t, k),
     dropped=~kept.reshape(t, k),
   )
-
-
-def take(a, idx):
-  """Rows ``a[idx]`` along axis 0; an out-of-range index gives zeros."""
-  return jnp.take(a, idx, axis=0, mode='fill', fill_value=0)
 
 
 def combine(out, assign_row):

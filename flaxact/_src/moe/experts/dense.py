@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from flaxact._src.moe.dispatch import GATE, UP, take
+from flaxact._src.moe.dispatch import GATE, UP
+from flaxact._src.moe.experts.grouped import take
 
 Array = jax.Array
 #: ``project(x, bias_scale=None) -> y``: one expert projection (see

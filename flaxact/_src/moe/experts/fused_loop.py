@@ -25,10 +25,6 @@ from flaxact._src.moe.experts import grouped as gm
 Array = jax.Array
 
 
-def _take(a, idx):
-  return jnp.take(a, idx, axis=0, mode='fill', fill_value=0)
-
-
 def _acc_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
@@ -60,7 +56,7 @@ def forward(prod, layout, k, x, w, kernels, biases, precision):
     rows = jax.lax.dynamic_slice_in_dim(layout.row_assign, i * tile, tile)
     token = rows // k  # T (out of range) for an empty row
     ops = gm.DenseOps(layout.tile_expert[i], precision)
-    xs, ws = _take(x, token), _take(w, rows)
+    xs, ws = gm.take(x, token), gm.take(w, rows)
     out, g, u = gm.ffn_forward(ops, prod, xs, ws, kernels, biases)
     y = y.at[token].add(out.astype(y.dtype), mode='drop')
     put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, i * tile, 0)
@@ -90,9 +86,9 @@ def backward(prod, layout, k, x, w, g, u, kernels, biases, dy, precision):
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * tile, tile)
     rows = sl(layout.row_assign)
     token = rows // k
-    args = (_take(x, token), _take(w, rows), sl(g), sl(u), kernels, biases)
+    args = (gm.take(x, token), gm.take(w, rows), sl(g), sl(u), kernels, biases)
     dxs, dws, dks, dbs = gm.ffn_backward(
-      gm.DenseOps(e, precision), prod, *args, _take(dy, token)
+      gm.DenseOps(e, precision), prod, *args, gm.take(dy, token)
     )
     add = lambda a, v: None if a is None else a.at[e].add(v)
     return (

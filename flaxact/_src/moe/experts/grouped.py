@@ -36,6 +36,11 @@ Array = jax.Array
 Product = Callable[[Array, Array], Array]
 
 
+def take(a, idx):
+  """Rows ``a[idx]`` along axis 0; an out-of-range index gives zeros."""
+  return jnp.take(a, idx, axis=0, mode='fill', fill_value=0)
+
+
 def _dot(a, b, precision, contract=((1,), (0,)), batch=((), ())):
   return jax.lax.dot_general(a, b, (contract, batch), precision=precision)
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from flaxact._src.moe import dispatch
+from flaxact._src.moe.experts import grouped as gm
 
 Array = jax.Array
 
@@ -45,8 +46,8 @@ def _pack(x, w, experts, num_local, ep):
   local_e = jnp.where(
     valid, flat[jnp.minimum(assign, n - 1)] % num_local, num_local
   )
-  send_x = dispatch.take(x, assign // k)
-  send_w = dispatch.take(w.reshape(n), assign)
+  send_x = gm.take(x, assign // k)
+  send_w = gm.take(w.reshape(n), assign)
   inv = jnp.zeros((n,), jnp.int32).at[order].set(slot)
   clipped = jnp.minimum(dest, ep - 1)
   back_row = jnp.where(dest < ep, clipped * n + inv - starts[clipped], ep * n)
