@@ -13,8 +13,9 @@ be shared: medians and the min-max spread are reported):
   count in that row);
 - each ``impl`` of :func:`flaxact.moe_ffn` (router included);
 - ``nnx_layer`` and ``linen_layer``: the ``MoE`` layers with their default
-  options (``impl='auto'``, remat on), gradients with respect to the
-  parameters and the input;
+  options (``impl='auto'``, remat on) holding the ``moe_ffn`` rows' weights
+  (so every row routes the same tokens to the same experts), gradients with
+  respect to the parameters and the input;
 - the ``MoE`` layer's train step (``--layer-shape``; ``--no-layer`` skips
   it): ``jax.value_and_grad`` of ``mean(y**2)`` over a Linen
   ``flaxact.linen.MoE`` with respect to its parameters and the input, jitted,
@@ -224,14 +225,23 @@ def jax_cases(shape, a):
   from flaxact import linen as fl
   from flaxact import nnx as fx
 
+  # The layers get the weights of the moe_ffn rows, so that every row routes
+  # the same way and the rows differ only by the API around the experts.
+  weights = {
+    'router': {'kernel': rk},
+    'gate_proj': {'kernel': wg},
+    'up_proj': {'kernel': wu},
+    'down_proj': {'kernel': wd},
+  }
   nnx_layer = fx.MoE(d, h, e, k, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(nnx_layer)
+  nnx.replace_by_pure_dict(state, weights)
 
   def nnx_step(state, x):
     return jnp.sum(nnx.merge(graphdef, state)(x) * c)
 
   linen_layer = fl.MoE(h, e, k)
-  variables = linen_layer.init(jax.random.key(0), x)
+  variables = {'params': weights}
 
   def linen_step(variables, x):
     return jnp.sum(linen_layer.apply(variables, x) * c)
