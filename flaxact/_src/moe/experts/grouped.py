@@ -12,8 +12,9 @@ FFN, so every impl runs the same arithmetic in the same order:
 - ``'tiles'``: each expert's rows padded to a multiple of ``tile`` rows; one
   batched matmul over the tiles with each tile's expert kernel gathered.
   One big op per matmul; the gathered kernels cost memory traffic.
-- ``'loop'``: the same padded tiles, visited by a ``while`` loop over the
-  tiles in use only (a dynamic trip count); each step is a dense matmul with
+- ``'loop'``: the same padded tiles, visited by a loop over the tiles in
+  use (the full ones, then each partial tile in quarter-tile chunks holding
+  rows); each step is a dense matmul with
   the tile's expert kernel read in place (:class:`DenseOps`), with the
   dispatch and combine fused into the tiles
   (:mod:`flaxact._src.moe.experts.fused_loop`). The fastest on CPU
@@ -209,22 +210,6 @@ def _tiles(a, tile):
 
 def _rows(a):
   return a.reshape(-1, *a.shape[2:])
-
-
-def fori_used(layout, num_tiles: int, body, init):
-  """``body`` over the tiles in use, as a loop of static trip count.
-
-  The trip count is every tile, the unused ones skipped with ``cond``: a
-  static count keeps the loop reverse-differentiable (a ``scan``), which
-  second-order autodiff through the backward pass needs.
-  """
-
-  def step(i, carry):
-    return jax.lax.cond(
-      i < layout.tiles_used, body, lambda i, carry: carry, i, carry
-    )
-
-  return jax.lax.fori_loop(0, num_tiles, step, init)
 
 
 def grouped_forward(impl, prod, layout, x, w, kernels, biases, precision):
