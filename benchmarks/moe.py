@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -164,9 +165,19 @@ def _median(ts):
 
 
 def _rounds(fns, repeats):
+  """Median, min and max ms per row over ``repeats`` interleaved rounds.
+
+  Each round runs every row once in an order shuffled with a fixed seed, so
+  that no row always follows the same neighbour (a row right after one that
+  allocates a lot of memory can pay for it).
+  """
   times = {name: [] for name in fns}
+  order = list(fns)
+  rng = random.Random(0)
   for _ in range(repeats):
-    for name, fn in fns.items():
+    rng.shuffle(order)
+    for name in order:
+      fn = fns[name]
       t = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t)
@@ -344,7 +355,7 @@ def _print_layer(r, repeats):
   print(
     f'MoE layer train step (Linen MoE, value_and_grad, float32),'
     f' T={s["tokens"]} d={s["d"]} hidden={s["hidden"]} E={s["experts"]}'
-    f' k={s["k"]}, median of {repeats} interleaved rounds [min-max]'
+    f' k={s["k"]}, median of {repeats} interleaved rounds in shuffled order [min-max]'
   )
   print(
     f'{"case":24} {"ms":>9} {"spread ms":>17} {"x loop":>7}'
@@ -454,7 +465,7 @@ def _print_impls(results, torch_res, a):
 
   print(
     f'MoE forward+backward, float32, {jax.default_backend()},'
-    f' median of {a.repeats} interleaved rounds [min-max]'
+    f' median of {a.repeats} interleaved rounds in shuffled order [min-max]'
   )
   print(
     f'{"shape":8} {"case":16} {"ms":>9} {"spread ms":>17} {"x dense":>8}'

@@ -153,7 +153,14 @@ def backward(prod, layout, k, x, w, g, u, kernels, biases, dy, precision):
       sl = lambda a: jax.lax.dynamic_slice_in_dim(a, at, size)
       rows = sl(layout.row_assign)
       token = rows // k
-      args = (gm.take(x, token), gm.take(w, rows), sl(g), sl(u), kernels, biases)
+      args = (
+        gm.take(x, token),
+        gm.take(w, rows),
+        sl(g),
+        sl(u),
+        kernels,
+        biases,
+      )
       dxs, dws, dks, dbs = gm.ffn_backward(
         gm.DenseOps(e, precision), prod, *args, gm.take(dy, token)
       )
