@@ -355,7 +355,8 @@ def _print_layer(r, repeats):
   print(
     f'MoE layer train step (Linen MoE, value_and_grad, float32),'
     f' T={s["tokens"]} d={s["d"]} hidden={s["hidden"]} E={s["experts"]}'
-    f' k={s["k"]}, median of {repeats} interleaved rounds in shuffled order [min-max]'
+    f' k={s["k"]}, median of {repeats} interleaved rounds'
+    ' in shuffled order [min-max]'
   )
   print(
     f'{"case":24} {"ms":>9} {"spread ms":>17} {"x loop":>7}'
