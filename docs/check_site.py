@@ -7,7 +7,8 @@ Run after ``sphinx-build ... docs docs/_build/html`` (``.ci/run`` does)::
 It checks that every public name of ``flaxact``, ``flaxact.linen`` and
 ``flaxact.nnx`` has an anchor (the ``id`` of its API entry), that every page
 of every table of contents was built, that each notebook page shows its
-plots (images that exist in the build) and that no page points readers into
+plots (images that exist in the build), that the Examples and results page
+shows the example scripts' plots, and that no page points readers into
 ``flaxact._src``.
 """
 
@@ -24,6 +25,15 @@ PUBLIC_MODULES = ('flaxact', 'flaxact.linen', 'flaxact.nnx')
 #: The plots each notebook draws in its quick setting
 #: (``tests/test_notebooks.py`` asserts the same counts).
 NOTEBOOK_IMAGES = {'activations': 3, 'glu_variants': 1, 'moe': 3}
+#: Page -> the images (file names) it must show: the examples' plots, copied
+#: into ``docs/_static/examples/`` from runs of their default commands.
+PAGE_IMAGES = {
+  'examples': (
+    'glu_variants_val_curves.png',
+    'gelu_mlp_digits_test_error.png',
+    'moe_lm_moe_lm.png',
+  ),
+}
 PRIVATE = re.compile(r'flaxact[./]_src')
 
 
@@ -76,6 +86,7 @@ def problems(
   docs: pathlib.Path,
   names: list[str],
   notebook_images: dict[str, int],
+  page_images: dict[str, tuple[str, ...]] | None = None,
 ) -> list[str]:
   """Everything wrong with the site built in ``html``; empty when none."""
   if not (html / 'index.html').exists():
@@ -97,6 +108,15 @@ def problems(
       out.append(
         f'notebook page {name} shows {len(shown)} images, expected {expected}'
       )
+  for name, expected_files in (page_images or {}).items():
+    page = html / f'{name}.html'
+    if not page.exists():
+      out.append(f'page {name} was not built')
+      continue
+    shown = {p.name for p in images(page) if p.is_file()}
+    for file in expected_files:
+      if file not in shown:
+        out.append(f'page {name} does not show {file}')
   for page in sorted(html.rglob('*.html')):
     if PRIVATE.search(page.read_text()):
       out.append(f'{page.relative_to(html)} points into flaxact._src')
@@ -106,7 +126,7 @@ def problems(
 def main(argv: list[str]) -> int:
   """Checks the site; prints each problem; returns the exit status."""
   html = pathlib.Path(argv[0]) if argv else DOCS / '_build' / 'html'
-  found = problems(html, DOCS, public_names(), NOTEBOOK_IMAGES)
+  found = problems(html, DOCS, public_names(), NOTEBOOK_IMAGES, PAGE_IMAGES)
   for problem in found:
     print(f'check_site: {problem}', file=sys.stderr)
   if found:

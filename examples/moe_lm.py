@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
       ' 90% of --text trains, the last 10% validates; without --text, the'
       ' source of 30 standard-library modules of the running Python (no'
       ' download). The default run, 4 arms x 400 steps, is sized to finish'
-      ' within 5 minutes on 2 idle CPU cores (estimated; see'
-      ' examples/README.md). The validation loss in the table is the whole'
-      ' validation split.'
+      ' within 5 minutes on 2 idle CPU cores (measured times: the'
+      ' Examples and results page, docs/examples.md). The validation loss in'
+      ' the table is the whole validation split.'
     ),
     formatter_class=_cli.HelpFormatter,
   )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
@@ -48,6 +49,7 @@ def _site(
     'api/index.html': '<dt id="flaxact.gelu"></dt>',
     'api/ref.html': change.get('ref', '<dt id="flaxact.nnx.MoE"></dt>'),
     'notebooks/nb.html': '<img src="../_images/a.png"><img src="b.png">',
+    'results.html': change.get('results', '<img src="_images/plot.png">'),
   }
   for name, text in pages.items():
     if name in change.get('missing', ()):
@@ -55,14 +57,17 @@ def _site(
     (html / name).parent.mkdir(parents=True, exist_ok=True)
     (html / name).write_text(text)
   (html / '_images').mkdir()
-  for image in change.get('images', ('_images/a.png', 'notebooks/b.png')):
+  default_images = ('_images/a.png', 'notebooks/b.png', '_images/plot.png')
+  for image in change.get('images', default_images):
     (html / image).write_bytes(b'png')
   return docs, html
 
 
 def _problems(tmp_path, **change):
   docs, html = _site(tmp_path, **change)
-  return check_site.problems(html, docs, NAMES, {'nb': 2})
+  return check_site.problems(
+    html, docs, NAMES, {'nb': 2}, {'results': ('plot.png',)}
+  )
 
 
 def test_a_complete_site_passes(tmp_path):
@@ -90,8 +95,27 @@ def test_a_missing_toc_page_fails(tmp_path):
 
 
 def test_a_notebook_page_without_its_images_fails(tmp_path):
-  found = _problems(tmp_path, images=('_images/a.png',))
+  images = ('_images/a.png', '_images/plot.png')
+  found = _problems(tmp_path, images=images)
   assert found == ['notebook page nb shows 1 images, expected 2']
+
+
+def test_a_results_page_without_its_plot_fails(tmp_path):
+  other = '<img src="_images/other.png">'
+  found = _problems(tmp_path / 'other', results=other)
+  assert found == ['page results does not show plot.png']
+  images = ('_images/a.png', 'notebooks/b.png')  # plot.png not in the build
+  found = _problems(tmp_path / 'absent', images=images)
+  assert found == ['page results does not show plot.png']
+
+
+def test_the_examples_page_names_the_plots_the_check_expects():
+  source = (DOCS / 'examples.md').read_text()
+  for name, files in check_site.PAGE_IMAGES.items():
+    assert name in check_site.toc_pages(DOCS)
+    for file in files:
+      assert f'_static/examples/{file}' in source, file
+      assert (DOCS / '_static' / 'examples' / file).is_file(), file
 
 
 def test_a_page_pointing_into_src_fails(tmp_path):
@@ -127,3 +151,14 @@ def test_every_notebook_is_a_page(name):
   assert (ROOT / 'notebooks' / f'{name}.ipynb').exists()
   toc = check_site.toc_pages(DOCS)
   assert f'notebooks/{name}' in toc
+
+
+def test_the_examples_manual_holds_no_measured_figures():
+  """Results live on docs/examples.md; examples/README.md points there."""
+  manual = (ROOT / 'examples' / 'README.md').read_text()
+  assert 'docs/examples.md' in manual
+  run_times = re.findall(
+    r'\b\d+ min \d+ s\b|\b\d+(?:\.\d+)? s measured', manual
+  )
+  losses = re.findall(r'\b[1-9]\.\d{3,4}\b', manual)  # bpc, as tables print
+  assert run_times == [] and losses == [], (run_times, losses)
