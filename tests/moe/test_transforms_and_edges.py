@@ -171,6 +171,32 @@ def test_forward_mode_and_second_order_agree_across_impls(impl):
 
 
 @pytest.mark.parametrize('impl', IMPLS)
+def test_grad_of_grad_with_respect_to_the_kernels(impl):
+  # Found by tests/properties (shrunk: fx.MoE(1, 1, 1, 1), x of shape
+  # (1, 1)): 'ragged' raised NotImplementedError, as JAX cannot transpose
+  # the ragged_dot_general that computes its kernel gradients.
+  w = _weights()
+
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def second(w, impl, k):
+    def f(*w):
+      y, _ = flaxact.moe_ffn(*w, experts_per_token=k, impl=impl, tile_size=4)
+      return y.sum()
+
+    grads = lambda w: jax.grad(f, argnums=(1, 2, 3, 4))(*w)
+    return jax.grad(lambda w: sum(jnp.vdot(g, g) for g in grads(w)))(w)
+
+  shrunk = tuple(a[(slice(0, 1),) * a.ndim] for a in w)
+  with jax.default_matmul_precision('highest'):
+    for args, k in ((w, K), (shrunk, 1)):
+      for got, want in zip(
+        second(args, impl, k), second(args, 'dense', k), strict=True
+      ):
+        # second order: sums of D*H products of first-order terms
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
 def test_infinite_capacity_is_dropless(impl):
   w = _weights()
   y, aux = flaxact.moe_ffn(

@@ -83,11 +83,17 @@ def layer_kwargs(c) -> dict:
   )
 
 
-def moe_call(c, **extra) -> str:
-  """The configuration as a ready-to-paste NNX ``MoE(...)`` call."""
-  kw = {**layer_kwargs(c), **extra}
+def moe_call(c, **extra: str) -> str:
+  """The configuration as a ready-to-paste NNX ``MoE(...)`` call.
+
+  ``extra``: more keyword arguments, each value as source text.
+  """
   args = ', '.join(
-    f'{n}={_GPT_OSS_SRC if v is GPT_OSS else repr(v)}' for n, v in kw.items()
+    [
+      f'{n}={_GPT_OSS_SRC if v is GPT_OSS else repr(v)}'
+      for n, v in layer_kwargs(c).items()
+    ]
+    + [f'{n}={v}' for n, v in extra.items()]
   )
   shape = (*c['lead'], c['t'], c['d'])
   return (
@@ -151,7 +157,9 @@ def ffn_call(c, w, *, jit=True, **kw):
 
 def reference(c, w):
   """``(y, dropped)`` of the float64 reference, ``y`` of shape ``(T, d)``."""
-  f64 = {n: None if a is None else np.asarray(a, np.float64) for n, a in w.items()}
+  f64 = {
+    n: None if a is None else np.asarray(a, np.float64) for n, a in w.items()
+  }
   groups = c['groups'] or (None, None)
   kw = dict(router=c['router'], normalize=c['normalize'], scale=c['scale'])
   if c['router'] == 'sigmoid':

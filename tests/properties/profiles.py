@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
+# No explain phase: it reruns a failing example many times, each a compile.
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]
 settings.register_profile(
   'ci',
   max_examples=20,
@@ -24,6 +26,7 @@ settings.register_profile(
   deadline=None,
   print_blob=True,
   suppress_health_check=_SLOW,
+  phases=_PHASES,
 )
 settings.register_profile(
   'thorough',
@@ -32,6 +35,7 @@ settings.register_profile(
   database=None,
   print_blob=True,
   suppress_health_check=_SLOW,
+  phases=_PHASES,
 )
 PROFILE = os.environ.get('HYPOTHESIS_PROFILE', 'ci')
 settings.load_profile(PROFILE)

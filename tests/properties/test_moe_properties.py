@@ -67,7 +67,7 @@ def test_dropless_rows_are_independent(c, data):
 @profiles.ci_examples(10)
 @given(configs(dtypes=mc.DTYPES), st.sampled_from(IMPLS))
 def test_jit_equals_eager(c, impl):
-  note(mc.moe_call(c) + f'  # impl={impl!r}')
+  note(mc.moe_call(c, impl=repr(impl)))
   w = mc.weights(c)
   with jax.default_matmul_precision('highest'):
     (y, aux), (ye, auxe) = (
@@ -84,7 +84,7 @@ def test_jit_equals_eager(c, impl):
 @given(configs(tokens=(1, 3, 13)), st.sampled_from(IMPLS))
 def test_vmap_equals_a_loop_over_the_batch(c, impl):
   c = dict(c, lead=())
-  note(mc.moe_call(c) + f'  # impl={impl!r}, batch of 2: x and -x')
+  note(mc.moe_call(c, impl=repr(impl)) + '  # batch of 2: x and -x')
   w = mc.weights(c)
   xs = jnp.stack([w['x'], -w['x']])
   f = lambda x: mc.ffn_call(c, dict(w, x=x), impl=impl, jit=False)[0]
