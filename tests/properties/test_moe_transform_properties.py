@@ -75,10 +75,10 @@ def test_jvp_and_grad_of_grad_agree_across_impls(c):
 
 def _expert_output(c, w, j):
   """Expert ``j`` on every token, in the compute dtype."""
-  x = w['x']
+  x = w['x'].reshape(c['t'], c['d'])
   g, u = x @ w['gate_kernel'][j], x @ w['up_kernel'][j]
   if c['use_bias']:
-    g, u = g + w['gate_bias'][j], u + w['up_bias'][j]
+    g, u = g + w['gate_bias'][j][None], u + w['up_bias'][j][None]
   hidden = mc.GPT_OSS(g, u) if c['gpt_oss'] else jax.nn.silu(g) * u
   return hidden @ w['down_kernel'][j]
 
