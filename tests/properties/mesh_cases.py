@@ -59,7 +59,7 @@ def _split(mesh, arrays: dict) -> dict:
   }
 
 
-@profiles.ci_examples(4)
+@profiles.ci_examples(3)
 @given(configs(tokens=(1, 3, 5, 13)), st.sampled_from(IMPLS), st.booleans())
 def test_mesh_equals_one_device(c, impl, explicit):
   require_devices(8)

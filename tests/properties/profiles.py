@@ -3,10 +3,11 @@
 ``ci`` (the default): fixed seed, derandomised, no example database, few
 examples; the whole folder stays within about two minutes of CPU on two
 workers. ``thorough`` (``HYPOTHESIS_PROFILE=thorough pytest
-tests/properties``): thousands of random examples, for contributors before a
-release or after touching the routed FFN; ``HYPOTHESIS_MAX_EXAMPLES`` sets
-how many per property (default 2000). README.md ("Property-based tests")
-lists the counts and times.
+tests/properties``): random examples, for contributors before a release or
+after touching the routed FFN; ``HYPOTHESIS_MAX_EXAMPLES`` sets how many
+(default 2000) for the cheap properties, and :func:`ci_examples` gives the
+expensive ones the same share of it as in ``ci``. README.md
+("Property-based tests") lists the counts and times.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from hypothesis import HealthCheck, Phase, settings
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
 # No explain phase: it reruns a failing example many times, each a compile.
 _PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]
+CI_EXAMPLES = 20
 settings.register_profile(
   'ci',
-  max_examples=20,
+  max_examples=CI_EXAMPLES,
   derandomize=True,
   database=None,
   deadline=None,
@@ -42,11 +44,12 @@ settings.load_profile(PROFILE)
 
 
 def ci_examples(n: int):
-  """``n`` examples in the ``ci`` profile; the loaded profile's otherwise.
+  """``n`` of the profile's examples per ``CI_EXAMPLES`` (20).
 
-  For the properties whose examples compile most (transforms, layers,
-  meshes): they keep CI cheap without capping the ``thorough`` run.
+  ``n`` examples in ``ci``; in ``thorough`` the same share of its count
+  (at least 1). For the properties whose examples compile most
+  (transforms, layers, meshes): CI stays cheap and a ``thorough`` run
+  spends its time evenly.
   """
-  if PROFILE == 'ci':
-    return settings(max_examples=n)
-  return lambda f: f
+  total = settings.get_profile(PROFILE).max_examples
+  return settings(max_examples=max(1, round(total * n / CI_EXAMPLES)))

@@ -92,7 +92,7 @@ def _rounded(variables, dtype):
 layer_configs = configs(dtypes=mc.DTYPES, shared=True)
 
 
-@profiles.ci_examples(6)
+@profiles.ci_examples(3)
 @given(layer_configs, st.sampled_from(IMPLS))
 def test_layer_matches_the_reference_and_linen_equals_nnx(c, impl):
   _note(c, impl)
@@ -118,7 +118,7 @@ def test_layer_matches_the_reference_and_linen_equals_nnx(c, impl):
     np.testing.assert_array_equal(recorded_linen[name], value, err_msg=name)
 
 
-@profiles.ci_examples(3)
+@profiles.ci_examples(2)
 @given(layer_configs, st.sampled_from(IMPLS))
 def test_layer_jit_equals_eager(c, impl):
   _note(c, impl)

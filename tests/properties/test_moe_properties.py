@@ -19,6 +19,7 @@ from tests.properties import profiles
 from tests.properties.moe_configs import IMPLS, configs
 
 
+@profiles.ci_examples(10)
 @given(configs(dtypes=mc.DTYPES))
 def test_every_impl_matches_the_float64_reference(c):
   note(mc.moe_call(c))
@@ -44,6 +45,7 @@ def test_every_impl_matches_the_float64_reference(c):
     assert int(aux_more.dropped_tokens) <= int(aux.dropped_tokens)
 
 
+@profiles.ci_examples(12)
 @given(configs(), st.data())
 def test_dropless_rows_are_independent(c, data):
   c = dict(c, capacity=None, lead=())
@@ -64,7 +66,7 @@ def test_dropless_rows_are_independent(c, data):
     np.testing.assert_allclose(yn[others], y[others], **mc.F32_FFN)
 
 
-@profiles.ci_examples(10)
+@profiles.ci_examples(3)
 @given(configs(dtypes=mc.DTYPES), st.sampled_from(IMPLS))
 def test_jit_equals_eager(c, impl):
   note(mc.moe_call(c, impl=repr(impl)))
@@ -80,8 +82,8 @@ def test_jit_equals_eager(c, impl):
   np.testing.assert_array_equal(auxe.dropped, aux.dropped)
 
 
-@profiles.ci_examples(10)
-@given(configs(tokens=(1, 3, 13)), st.sampled_from(IMPLS))
+@profiles.ci_examples(4)
+@given(configs(dtypes=mc.DTYPES, tokens=(1, 3, 13)), st.sampled_from(IMPLS))
 def test_vmap_equals_a_loop_over_the_batch(c, impl):
   c = dict(c, lead=())
   note(mc.moe_call(c, impl=repr(impl)) + '  # batch of 2: x and -x')
@@ -91,6 +93,8 @@ def test_vmap_equals_a_loop_over_the_batch(c, impl):
   with jax.default_matmul_precision('highest'):
     batched = jax.jit(jax.vmap(f))(xs)
     for i in range(2):
+      want = mc.as_f64(mc.ffn_call(c, dict(w, x=xs[i]), impl=impl)[0])
+      # under vmap 'ragged' runs as 'tiles': another order of the same sums
       np.testing.assert_allclose(
-        batched[i], mc.ffn_call(c, dict(w, x=xs[i]), impl=impl)[0], **mc.F32_FFN
+        mc.as_f64(batched[i]), want, **mc.ref_tol(c['dtype'], want)
       )

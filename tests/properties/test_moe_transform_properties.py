@@ -48,7 +48,7 @@ def _close(got, want, name):
   )
 
 
-@profiles.ci_examples(4)
+@profiles.ci_examples(2)
 @given(configs(tokens=(1, 3, 13)))
 def test_jvp_and_grad_of_grad_agree_across_impls(c):
   note(mc.moe_call(c) + "  # jvp and grad of grad, every impl vs 'dense'")
@@ -83,7 +83,7 @@ def _expert_output(c, w, j):
   return hidden @ w['down_kernel'][j]
 
 
-@profiles.ci_examples(6)
+@profiles.ci_examples(3)
 @given(configs(dtypes=mc.DTYPES, tokens=(1, 3, 13)), st.sampled_from(IMPLS))
 def test_gradients_stay_finite_when_an_unchosen_expert_overflows(c, impl):
   assume(c['e'] > 1)
