@@ -109,7 +109,14 @@ def variables_of(layer: fx.MoE) -> dict:
 
 def reference(case: str, variables: dict, x) -> np.ndarray:
   """The float64 per-token output of ``case`` with ``variables``."""
-  kw = CASES[case]
+  return reference_of(CASES[case], variables, x)
+
+
+def reference_of(kw: dict, variables: dict, x) -> np.ndarray:
+  """The float64 per-token output of ``MoE(**kw)`` with ``variables``.
+
+  ``x`` is ``(T, d)``; ``kw`` holds ``experts_per_token`` and the options.
+  """
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
   route = dict(
     router=kw.get('router', 'softmax'),
@@ -140,8 +147,9 @@ def reference(case: str, variables: dict, x) -> np.ndarray:
   )
   if 'shared_expert' in p:
     s = p['shared_expert']
-    hidden = moe_reference.silu(x @ s['gate_proj']['kernel'])
-    shared = (hidden * (x @ s['up_proj']['kernel'])) @ s['down_proj']['kernel']
+    proj = lambda v, n: v @ s[n]['kernel'] + s[n].get('bias', 0.0)
+    hidden = moe_reference.silu(proj(x, 'gate_proj')) * proj(x, 'up_proj')
+    shared = proj(hidden, 'down_proj')
     if 'shared_expert_gate' in p:
       gate = x @ p['shared_expert_gate']['kernel']
       shared = shared / (1 + np.exp(-gate))

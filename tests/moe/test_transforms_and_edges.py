@@ -171,6 +171,32 @@ def test_forward_mode_and_second_order_agree_across_impls(impl):
 
 
 @pytest.mark.parametrize('impl', IMPLS)
+def test_grad_of_grad_with_respect_to_the_kernels(impl):
+  # Found by tests/properties (shrunk: fx.MoE(1, 1, 1, 1), x of shape
+  # (1, 1)): 'ragged' raised NotImplementedError, as JAX cannot transpose
+  # the ragged_dot_general that computes its kernel gradients.
+  w = _weights()
+
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def second(w, impl, k):
+    def f(*w):
+      y, _ = flaxact.moe_ffn(*w, experts_per_token=k, impl=impl, tile_size=4)
+      return y.sum()
+
+    grads = lambda w: jax.grad(f, argnums=(1, 2, 3, 4))(*w)
+    return jax.grad(lambda w: sum(jnp.vdot(g, g) for g in grads(w)))(w)
+
+  shrunk = tuple(a[(slice(0, 1),) * a.ndim] for a in w)
+  with jax.default_matmul_precision('highest'):
+    for args, k in ((w, K), (shrunk, 1)):
+      for got, want in zip(
+        second(args, impl, k), second(args, 'dense', k), strict=True
+      ):
+        # second order: sums of D*H products of first-order terms
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
 def test_infinite_capacity_is_dropless(impl):
   w = _weights()
   y, aux = flaxact.moe_ffn(
@@ -216,12 +242,25 @@ with jax.default_matmul_precision('highest'), jax.set_mesh(mesh):
       lambda *a: loss(*a, mesh=mesh), argnums=(0, 1, 2)))(x, *put)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+# Found by tests/properties (shrunk: fx.MoE(1, 1, 4, 1), one token): under
+# an Auto mesh the padding raised in jax.reshard (Explicit axes only).
+auto = jax.make_mesh(
+    (2, 4), ('data', 'expert'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+with jax.default_matmul_precision('highest'):
+  for t in (1, 5):
+    x = jax.random.normal(ks[0], (t, 8))
+    ref = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, *w)
+    got = jax.jit(jax.value_and_grad(
+      lambda *a: loss(*a, mesh=auto), argnums=(0, 1, 2)))(x, *w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 print('EP PAD OK')
 """
 
 
 def test_expert_parallel_pads_token_counts_that_do_not_divide_the_mesh():
-  # batch-1 decoding (and 0, 5, 13 tokens) on a data=2, expert=4 mesh
+  # batch-1 decoding (and 0, 5, 13 tokens) on a data=2, expert=4 mesh,
+  # Explicit and Auto
   done = run_on_simulated_devices('-c', EP_SCRIPT)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'EP PAD OK' in done.stdout

@@ -27,6 +27,7 @@ the weighted hidden activation from them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,38 @@ def _dot(a, b, precision, contract=((1,), (0,)), batch=((), ())):
   return jax.lax.dot_general(a, b, (contract, batch), precision=precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ragged_wgrad(a, b, sizes, precision):
+  """``(E, ·, ·)``: ``a_g^T b_g`` over each group ``g`` of sorted rows.
+
+  ``lax.ragged_dot_general`` in its ragged-contracting mode, whose
+  transpose JAX does not implement; its VJP here is two ``ragged_dot``
+  calls, so the weight gradients of ``'ragged'`` can be differentiated
+  again (grad of grad with respect to the kernels).
+  """
+  dims = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((0,), (0,)), ((), ())),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[],
+  )
+  return jax.lax.ragged_dot_general(a, b, sizes, dims, precision=precision)
+
+
+def _ragged_wgrad_fwd(a, b, sizes, precision):
+  return _ragged_wgrad(a, b, sizes, precision), (a, b, sizes)
+
+
+def _ragged_wgrad_bwd(precision, res, ct):
+  a, b, sizes = res
+  mm = functools.partial(jax.lax.ragged_dot, group_sizes=sizes)
+  da = mm(b, jnp.swapaxes(ct, 1, 2).astype(b.dtype), precision=precision)
+  db = mm(a, ct.astype(a.dtype), precision=precision)
+  return da.astype(a.dtype), db.astype(b.dtype), None
+
+
+_ragged_wgrad.defvjp(_ragged_wgrad_fwd, _ragged_wgrad_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class RaggedOps:
   """Grouped operations on unpadded sorted rows (``lax.ragged_dot``)."""
@@ -61,14 +94,7 @@ class RaggedOps:
     return self.mm(a, jnp.swapaxes(w, 1, 2))
 
   def wgrad(self, a, b):
-    dims = jax.lax.RaggedDotDimensionNumbers(
-      dot_dimension_numbers=(((0,), (0,)), ((), ())),
-      lhs_ragged_dimensions=[0],
-      rhs_group_dimensions=[],
-    )
-    return jax.lax.ragged_dot_general(
-      a, b, self.sizes, dims, precision=self.precision
-    )
+    return _ragged_wgrad(a, b, self.sizes, self.precision)
 
   def bias(self, b):
     return jnp.take(b, self.row_expert, axis=0)

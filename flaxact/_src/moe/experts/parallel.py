@@ -181,7 +181,9 @@ def expert_parallel_ffn(
     ),
     out_specs=tokens,
   )
-  if pad or _explicit(mesh):  # the padded tokens: split over the mesh
+  # The padded tokens split over an explicit mesh (jax.reshard takes only
+  # Explicit axes; under Auto axes shard_map reshards its inputs itself).
+  if _explicit(mesh):
     x, weights, experts = (
       jax.reshard(a, jax.sharding.NamedSharding(mesh, tokens))
       for a in (x, weights, experts)
