@@ -26,6 +26,13 @@ def _weights(token_mask, shape, dtype, where) -> Array | None:
   return None if mask is None else mask.astype(dtype)
 
 
+def _clean(logits: Array, m: Array | None) -> Array:
+  """Padding's logits set to 0, so no nan or inf there reaches a gradient."""
+  if m is None:
+    return logits
+  return jnp.where(m[..., None] > 0, logits, 0)
+
+
 def load_balancing_loss(
   router_logits: ArrayLike,
   experts: ArrayLike,
@@ -85,6 +92,7 @@ def load_balancing_loss(
   m = _weights(
     token_mask, logits.shape[:-1], logits.dtype, 'load_balancing_loss'
   )
+  logits = _clean(logits, m)
   probs = jax.nn.softmax(logits.reshape(-1, num_experts), axis=-1)
   flat = experts.reshape(probs.shape[0], experts.shape[-1])
   hits = jax.nn.one_hot(flat, num_experts, dtype=logits.dtype)
@@ -128,8 +136,9 @@ def router_z_loss(
     Zoph et al., "ST-MoE", 2022. https://arxiv.org/abs/2202.08906
   """
   logits = at_least_f32(as_float_array(router_logits, 'router_logits'))
-  z = jax.nn.logsumexp(logits, axis=-1) ** 2
-  m = _weights(token_mask, z.shape, z.dtype, 'router_z_loss')
+  shape = logits.shape[:-1]
+  m = _weights(token_mask, shape, logits.dtype, 'router_z_loss')
+  z = jax.nn.logsumexp(_clean(logits, m), axis=-1) ** 2
   if m is None:
     return jnp.sum(z) / max(z.size, 1)  # no tokens: 0, not 0 / 0
   return jnp.sum(jnp.where(m > 0, z, 0)) / jnp.maximum(m.sum(), 1)
@@ -210,6 +219,7 @@ def sequence_balance_loss(
   router = normalise_choice(router, ROUTERS, 'router', 'routers')
   b, s, k = experts.shape
   m = _weights(token_mask, (b, s), logits.dtype, 'sequence_balance_loss')
+  logits = _clean(logits, m)
   if m is None:
     m = jnp.ones((b, s), logits.dtype)
   if router == 'softmax':
