@@ -302,12 +302,14 @@ class MoE(LayerBase):
     name = type(self).__name__
     self.router_jitter_noise = check_jitter(router_jitter_noise, name)
     self.deterministic = deterministic
-    self.rngs = nnx.data(
-      router_noise.keep_stream(rngs, self.router_jitter_noise)
-    )
     self._build(options, router_use_bias, rngs)
     self._build_shared(
       options, shared_hidden_features, shared_expert_gate, rngs
+    )
+    # After the weights: with or without noise, the same seed gives the
+    # same weights.
+    self.rngs = nnx.data(
+      router_noise.keep_stream(rngs, self.router_jitter_noise)
     )
 
   def _build(self, options, router_use_bias, rngs) -> None:
