@@ -97,7 +97,9 @@ def test_sigmoid_router_and_batched_tokens_with_a_mask():
     want, want_aux = flaxact.moe_ffn(x[MASK], *w, **kw)
     rows = [flaxact.moe_ffn(x3[i][m3[i]][None], *w, **kw)[1] for i in (0, 1)]
   np.testing.assert_allclose(y[m3], want, **TOL)
-  np.testing.assert_allclose(aux.load_balancing_loss, want_aux.load_balancing_loss)
+  np.testing.assert_allclose(
+    aux.load_balancing_loss, want_aux.load_balancing_loss
+  )
   seq = np.mean([float(r.sequence_balance_loss) for r in rows])
   np.testing.assert_allclose(float(aux.sequence_balance_loss), seq, rtol=1e-6)
 
@@ -132,7 +134,11 @@ def test_router_jitter_noise_multiplies_the_router_input_only():
     (dict(token_mask=jnp.ones((T, 1), bool)), ValueError, 'got (12, 1)'),
     (dict(token_mask=jnp.ones((T,), jnp.int32)), TypeError, 'dtype int32'),
     (dict(router_jitter_noise=-0.1, key=jax.random.key(0)), ValueError, '-0.1'),
-    (dict(router_jitter_noise=1.0, key=jax.random.key(0)), ValueError, '[0, 1)'),
+    (
+      dict(router_jitter_noise=1.0, key=jax.random.key(0)),
+      ValueError,
+      '[0, 1)',
+    ),
     (dict(router_jitter_noise='x'), TypeError, "'x'"),
     (dict(router_jitter_noise=0.1), ValueError, 'key=None'),
     (

@@ -36,7 +36,7 @@ from flaxact._src.moe.experts.api import (
   transform_impl,
 )
 from flaxact._src.moe.experts.parallel import expert_parallel_ffn
-from flaxact._src.moe.jitter import check_jitter, jitter
+from flaxact._src.moe.jitter import check_noise, jitter
 from flaxact._src.moe.routing_step import MoEAux as MoEAux
 from flaxact._src.moe.routing_step import Routed, route
 from flaxact._src.moe.settings import Router, RoutingSettings
@@ -148,8 +148,8 @@ def moe_ffn(
   load, loss or drop. With ``capacity_factor`` the capacity stays
   ``ceil(c * T * k / E)`` with ``T`` every position (a static shape), and
   masked tokens take no slot: each expert keeps its first assignments of
-  real tokens in token order. The backward pass keeps two ``(rows, hidden)`` arrays, tagged
-  ``'moe_gate'`` and ``'moe_up'``.
+  real tokens in token order. The backward pass keeps two
+  ``(rows, hidden)`` arrays, tagged ``'moe_gate'`` and ``'moe_up'``.
 
   Args:
     x: tokens, ``(..., d)``, floating dtype; the experts compute in it.
@@ -229,6 +229,17 @@ def moe_ffn(
     ...     jax.random.normal(ks[3], (4, 16, 8)), experts_per_token=2)
     >>> y.shape, aux.expert_load.sum()
     ((6, 8), Array(12, dtype=int32))
+
+    Padding left out with a token mask (its output is zero):
+
+    >>> mask = jnp.array([True, True, True, True, False, False])
+    >>> y, aux = moe(x, jax.random.normal(ks[1], (8, 4)),
+    ...     jax.random.normal(ks[2], (4, 8, 16)),
+    ...     jax.random.normal(ks[3], (4, 8, 16)),
+    ...     jax.random.normal(ks[3], (4, 16, 8)), experts_per_token=2,
+    ...     token_mask=mask)
+    >>> aux.expert_load.sum(), float(jnp.abs(y[4:]).max())
+    (Array(8, dtype=int32), 0.0)
   """
   settings = RoutingSettings(
     experts_per_token=experts_per_token,
@@ -262,7 +273,7 @@ def moe_ffn(
   )
   lead = x.shape[:-1]
   mask = check_token_mask(token_mask, lead, 'moe_ffn')
-  eps = _check_noise(router_jitter_noise, key, router_logits)
+  eps = check_noise(router_jitter_noise, key, router_logits)
   tokens = x.reshape(-1, x.shape[-1])
   if router_logits is None:
     router_in = tokens if key is None or not eps else jitter(tokens, key, eps)
@@ -297,23 +308,6 @@ def moe_ffn(
     lean=lean,
   )
   return y.reshape(*lead, y.shape[-1]), r.aux(lead)
-
-
-def _check_noise(eps: Any, key: Any, router_logits: Any) -> float:
-  """``router_jitter_noise`` checked against ``key`` and ``router_logits``."""
-  eps = check_jitter(eps, 'moe_ffn')
-  if eps and key is None:
-    raise ValueError(
-      f'moe_ffn: router_jitter_noise={eps} needs key= (a PRNG key, in'
-      ' training); got key=None. For inference pass router_jitter_noise=0.0.'
-    )
-  if eps and router_logits is not None:
-    raise ValueError(
-      f'moe_ffn: router_jitter_noise={eps} jitters the router input, but'
-      ' router_logits were given (computed by the caller); jitter the'
-      ' router input before computing them instead.'
-    )
-  return eps
 
 
 def _router_logits(tokens, kernel, bias, precision, dot_general) -> Array:

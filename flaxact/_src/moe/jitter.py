@@ -57,3 +57,26 @@ def jitter(x: Array, key: Array, eps: float) -> Array:
   dtype = jnp.promote_types(x.dtype, jnp.float32)
   u = jax.random.uniform(key, x.shape, dtype, 1.0 - eps, 1.0 + eps)
   return x.astype(dtype) * u
+
+
+def check_noise(eps: Any, key: Any, router_logits: Any) -> float:
+  """``moe_ffn``'s ``router_jitter_noise``, checked with its ``key``.
+
+  Raises:
+    TypeError: for a value that is not a real number.
+    ValueError: for a value outside ``[0, 1)``, or noise without ``key`` or
+      with ``router_logits`` (computed by the caller, past the input).
+  """
+  eps = check_jitter(eps, 'moe_ffn')
+  if eps and key is None:
+    raise ValueError(
+      f'moe_ffn: router_jitter_noise={eps} needs key= (a PRNG key, in'
+      ' training); got key=None. For inference pass router_jitter_noise=0.0.'
+    )
+  if eps and router_logits is not None:
+    raise ValueError(
+      f'moe_ffn: router_jitter_noise={eps} jitters the router input, but'
+      ' router_logits were given (computed by the caller); jitter the'
+      ' router input before computing them instead.'
+    )
+  return eps
