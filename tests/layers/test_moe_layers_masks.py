@@ -3,10 +3,13 @@
 A padded ``(batch, seq, d)`` batch with its padding masked gives what the
 batch without its padding gives: outputs on the real tokens, the recorded
 loads, drops and losses (``sequence_balance_loss`` per sequence), and the
-weights' gradients; every impl, Linen and NNX, under ``jit``.
+weights' gradients; every impl, Linen and NNX, under ``jit``, and the NNX
+layer expert-parallel on 8 simulated devices.
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -19,6 +22,7 @@ import flaxact
 from flaxact import linen as fl
 from flaxact import nnx as fx
 from tests import moe_layer_helpers as mh
+from tests.multidevice import run_on_simulated_devices
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # sums over other token counts reorder
 MASK = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], bool)
@@ -297,3 +301,53 @@ def test_linen_variables_are_unchanged_by_the_new_options():
   assert jax.tree.structure(nn.unbox(shapes)) == jax.tree.structure(
     nn.unbox(plain)
   )
+
+
+EP_SCRIPT = textwrap.dedent(
+  """
+  import jax, jax.numpy as jnp, numpy as np
+  from flax import nnx
+  from flaxact import nnx as fx
+  from tests.multidevice import auto_mesh, require_devices
+
+  require_devices(8)
+  T, D, H, E, K = 32, 8, 16, 8, 2
+  x = jax.random.normal(jax.random.key(1), (4, 8, D))
+  mask = jax.random.bernoulli(jax.random.key(2), 0.6, (4, 8))
+
+  def loss(graphdef, state, x):
+    y, rec = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(
+        x, token_mask=mask)
+    rec = nnx.to_pure_dict(rec)
+    aux = rec['load_balancing_loss'][0] + rec['sequence_balance_loss'][0]
+    return jnp.sum(jnp.sin(y) ** 2) + aux, (y, rec['expert_load'][0])
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True),
+                 static_argnums=0)
+  make = lambda: fx.MoE(D, H, E, K, impl='loop', rngs=nnx.Rngs(0))
+  with jax.default_matmul_precision('highest'):
+    graphdef, state = nnx.split(make())
+    (want, (want_y, want_load)), want_g = grad(graphdef, state, x)
+    mesh = auto_mesh((2, 4), ('data', 'expert'))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(fx.EXPERT_PARALLEL_RULES):
+      graphdef, state = nnx.split(make())
+      (got, (y, load)), g = grad(graphdef, state, x)
+      hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, token_mask=mask)
+                    ).lower(state, x).compile().as_text()
+  assert 'all-to-all' in hlo
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(y)[~np.asarray(mask)]).max() == 0
+  np.testing.assert_array_equal(load, want_load)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                               rtol=1e-4, atol=1e-5)
+  print('LAYER EP MASK OK')
+  """
+)
+
+
+def test_token_mask_expert_parallel_layer_on_8_simulated_devices():
+  done = run_on_simulated_devices('-c', EP_SCRIPT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'LAYER EP MASK OK' in done.stdout
