@@ -55,8 +55,11 @@ from flaxact._src.layers.hidden import (
 )
 from flaxact._src.moe.api import MoEAux as MoEAux
 from flaxact._src.moe.api import moe_ffn as moe_ffn
-from flaxact._src.moe.routers import load_balancing_loss as load_balancing_loss
-from flaxact._src.moe.routers import router_z_loss as router_z_loss
+from flaxact._src.moe.losses import load_balancing_loss as load_balancing_loss
+from flaxact._src.moe.losses import router_z_loss as router_z_loss
+from flaxact._src.moe.losses import (
+  sequence_balance_loss as sequence_balance_loss,
+)
 from flaxact._src.moe.routers import top_k_routing as top_k_routing
 from flaxact._src.moe.routers import (
   update_score_correction_bias as update_score_correction_bias,
@@ -113,6 +116,7 @@ __all__ = [
   'relu_squared',
   'router_z_loss',
   'selu',
+  'sequence_balance_loss',
   'sigmoid',
   'silu',
   'softplus',

@@ -59,6 +59,7 @@ EXPECTED = {
     'load_balancing_loss',
     'moe_ffn',
     'router_z_loss',
+    'sequence_balance_loss',
     'top_k_routing',
     'update_score_correction_bias',
   ],

@@ -31,17 +31,24 @@ from flaxact._src.moe.settings import RoutingSettings
 Array = jax.Array
 
 #: The names a ``MoE`` layer records on every call (never added to ``y``).
-RECORDED = ('load_balancing_loss', 'router_z_loss', 'expert_load')
+RECORDED = (
+  'load_balancing_loss',
+  'sequence_balance_loss',
+  'router_z_loss',
+  'expert_load',
+)
 
 
 class Aux(NamedTuple):
   """What a ``MoE`` call records (see :data:`RECORDED`).
 
-  ``dropped_assignments`` (``()`` int32, assignments dropped over capacity)
-  is recorded too when the layer has a ``capacity_factor``.
+  ``dropped_assignments`` (``()`` int32, the assignments of real tokens
+  dropped over capacity in this call) is recorded too when the layer has a
+  ``capacity_factor``.
   """
 
   load_balancing_loss: Array
+  sequence_balance_loss: Array
   router_z_loss: Array
   expert_load: Array
   dropped_assignments: Array | None = None
@@ -163,6 +170,7 @@ def routed(
   score_correction_bias: Array | None,
   precision: Any,
   hooked: bool,
+  token_mask: Array | None = None,
 ) -> tuple[Array, Aux]:
   """The routed experts of ``x`` given the router's ``logits``.
 
@@ -181,6 +189,8 @@ def routed(
     score_correction_bias: ``(E,)`` for the sigmoid router, else ``None``.
     precision: matmul precision.
     hooked: whether ``dot_general``/``dot_general_cls`` is set.
+    token_mask: ``x.shape[:-1]`` bool (checked), ``True`` for a real token;
+      masked tokens get zero output and count in no statistic.
 
   Returns:
     ``(y, aux)``: ``y`` of shape ``(..., out)`` in the dtype of ``x``.
@@ -204,6 +214,7 @@ def routed(
     score_correction_bias=score_correction_bias,
     impl=impl,
     mesh=mesh,
+    token_mask=None if token_mask is None else token_mask.reshape(-1),
   )
   if impl == 'dense':
     projections = tuple(functools.partial(p, dtype=x.dtype) for p in experts)
@@ -225,7 +236,13 @@ def routed(
     )
   a = r.aux(lead)
   dropped = None if routing.capacity_factor is None else a.dropped_tokens
-  aux = Aux(a.load_balancing_loss, a.router_z_loss, a.expert_load, dropped)
+  aux = Aux(
+    a.load_balancing_loss,
+    a.sequence_balance_loss,
+    a.router_z_loss,
+    a.expert_load,
+    dropped,
+  )
   return y.reshape(*lead, y.shape[-1]).astype(x.dtype), aux
 
 

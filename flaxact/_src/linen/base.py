@@ -121,9 +121,9 @@ class LayerBase(nn.Module):
     return checks.check_layer_input(x, name, in_features)
 
   def run(
-    self, forward: Callable[..., Any], x: Array, key: Array | None
+    self, forward: Callable[..., Any], x: Array, key: Array | None, *args: Any
   ) -> Any:
-    """Calls the unbound method ``forward(self, x, key)``, under remat.
+    """Calls the unbound method ``forward(self, x, key, *args)``, under remat.
 
     With ``remat`` the call runs under ``nn.checkpoint`` with the policy
     that saves only the class's ``remat_names``.
@@ -131,7 +131,7 @@ class LayerBase(nn.Module):
     if self.remat:
       policy = remat.save_only(self.remat_names)
       forward = nn.checkpoint(forward, policy=policy)
-    return forward(self, x, key)
+    return forward(self, x, key, *args)
 
   def projection(
     self,

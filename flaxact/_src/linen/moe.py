@@ -28,7 +28,8 @@ Examples:
               'up_proj': {'kernel': (4, 16, 32)}}}
   >>> y, state = layer.apply(variables, x, mutable=['intermediates'])
   >>> y.shape, sorted(state['intermediates'])
-  ((2, 5, 16), ['expert_load', 'load_balancing_loss', 'router_z_loss'])
+  ((2, 5, 16), ['expert_load', 'load_balancing_loss', 'router_z_loss',
+               'sequence_balance_loss'])
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ from flaxact._src.layers import moe_body, projection, remat, sharding
 from flaxact._src.linen import experts
 from flaxact._src.linen.base import LayerBase
 from flaxact._src.linen.gated import GatedFFN
+from flaxact._src.linen.router_noise import jitter_key
 from flaxact._src.moe.api import expert_product
 from flaxact._src.moe.experts.api import Impl
+from flaxact._src.moe.jitter import check_jitter, jitter
 from flaxact._src.moe.settings import Router, RoutingSettings
+from flaxact._src.moe.token_mask import check_token_mask
 
 Array = jax.Array
 
@@ -75,10 +79,28 @@ class MoE(LayerBase):
   lower expert index.
 
   Each call records ``load_balancing_loss`` (on ``softmax(logits)`` whatever
-  the router), ``router_z_loss`` and ``expert_load`` (``(E,)`` int32 tokens
-  routed to each expert) with ``self.sow('intermediates', ...)``; read them
+  the router), ``sequence_balance_loss`` (DeepSeek-V3's sequence-wise loss,
+  :func:`flaxact.sequence_balance_loss` with this router's scores: the
+  sequences are the input's second-to-last axis, ``(..., seq, d)``; a
+  ``(T, d)`` input is one sequence), ``router_z_loss`` and ``expert_load``
+  (``(E,)`` int32 tokens routed to each expert) with
+  ``self.sow('intermediates', ...)``, and with a ``capacity_factor``
+  ``dropped_assignments`` (the assignments this call dropped); read them
   with ``apply(..., mutable=['intermediates'])`` and add the losses to the
   training loss yourself: they are never added to the output.
+
+  ``token_mask`` (the call's, ``x.shape[:-1]`` bool, ``True`` = a real
+  token) leaves padding out: masked tokens reach no expert (no expert
+  computes for them), get no routed output, take no capacity slot (the
+  capacity ``ceil(c * T * k / E)`` still counts every position of ``x`` in
+  ``T``) and count in no recorded statistic or loss. The shared expert, a dense
+  FFN, still runs on every token, so a masked token's output is the shared
+  expert's (zero without one).
+
+  ``router_jitter_noise=eps`` multiplies the router's input (not the
+  experts') by ``U(1 - eps, 1 + eps)`` noise in training, as
+  ``nn.Dropout``: with ``deterministic=False`` (the attribute or the call's
+  argument) and a ``'dropout'`` rng.
 
   The router, ``shared_expert`` and ``shared_expert_gate`` are ordinary
   projections: ``dot_general``/``dot_general_cls`` hooks and Qwix
@@ -135,6 +157,11 @@ class MoE(LayerBase):
       grouped impl with a ``dot_general`` hook is an error; under Qwix it
       warns that the experts stay float.
     tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
+    router_jitter_noise: ``eps`` in ``[0, 1)`` of the router input's jitter
+      noise in training (Mixtral's ``router_jitter_noise``); 0: none.
+    deterministic: the default of the call's ``deterministic``: ``True`` (no
+      noise) or ``False`` (noise, with a ``'dropout'`` rng); only needed
+      when ``router_jitter_noise > 0``.
 
   Examples:
     >>> import functools, jax, jax.numpy as jnp, flaxact
@@ -152,9 +179,11 @@ class MoE(LayerBase):
     ValueError: for ``experts_per_token`` outside ``[1, num_experts]``, an
       unknown router or impl, a grouped impl with a ``dot_general`` hook,
       groups not dividing the experts,
-      ``capacity_factor <= 0``, or (at the call) an input of another width
-      than the layer was initialised with.
-    TypeError: for integer input or a learnable activation module.
+      ``capacity_factor <= 0``, ``router_jitter_noise`` outside ``[0, 1)``,
+      or (at the call) an input of another width than the layer was
+      initialised with or a ``token_mask`` of another shape.
+    TypeError: for integer input, a ``token_mask`` that is not bool or a
+      learnable activation module.
 
   References:
     Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated
@@ -180,6 +209,8 @@ class MoE(LayerBase):
   capacity_factor: float | None = None
   impl: Impl | str = 'auto'
   tile_size: int = 128
+  router_jitter_noise: float = 0.0
+  deterministic: bool | None = None
 
   input_projections: ClassVar[tuple[str, ...]] = ('router',)
   remat_names: ClassVar[tuple[str, ...]] = remat.MOE_NAMES
@@ -200,6 +231,7 @@ class MoE(LayerBase):
     )
     if self.out_features is not None:
       checks.check_positive_int(self.out_features, 'out_features', name)
+    check_jitter(self.router_jitter_noise, name)
     super().__post_init__()
 
   @property
@@ -221,27 +253,41 @@ class MoE(LayerBase):
       tile_size=self.tile_size,
     ).normalised()
 
-  def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    deterministic: bool | None = None,
+    *,
+    token_mask: Array | None = None,
+  ) -> Array:
     """Applies the layer and records its auxiliary outputs.
 
     Args:
       x: input of shape ``(..., in_features)``, floating dtype.
-      deterministic: accepted for a drop-in swap with the dense FFNs; the
-        layer has no randomness, so it changes nothing.
+      deterministic: ``False`` applies the router jitter noise (with a
+        ``'dropout'`` rng); ``None`` uses the attribute. Changes nothing
+        when ``router_jitter_noise == 0`` (accepted for a drop-in swap with
+        the dense FFNs).
+      token_mask: ``x.shape[:-1]`` bool, ``True`` for a real token;
+        masked tokens get no routed output and count in no statistic.
+        ``None``: every token is real.
 
     Returns:
       An array of shape ``(..., out_features)`` in ``dtype`` (by default the
       input's dtype).
 
     Raises:
-      TypeError: if ``x`` is not floating point.
+      TypeError: if ``x`` is not floating point or ``token_mask`` not bool.
       ValueError: if the last axis of ``x`` is not the width the layer was
-        initialised with.
+        initialised with, ``token_mask`` has another shape than
+        ``x.shape[:-1]``, or for jitter noise without ``deterministic`` or,
+        in training, without a ``'dropout'`` rng.
     """
     x = self.check_input(x)
-    del deterministic  # no dropout or noise
+    mask = check_token_mask(token_mask, x.shape[:-1], type(self).__name__)
+    key = jitter_key(self, deterministic)
     with tracing.seen(x, self.variables):  # what remat would hide
-      out = self.run(MoE._forward, x, None)
+      out = self.run(MoE._forward, x, key, mask)
     y, aux = cast(tuple[Array, moe_body.Aux], out)
     for name, value in aux.recorded().items():
       self.sow('intermediates', name, value)
@@ -266,8 +312,9 @@ class MoE(LayerBase):
     ]
 
   @nn.compact
-  def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:
-    del key  # no dropout
+  def _forward(
+    self, x: Array, key: Array | None, mask: Array | None
+  ) -> tuple[Array, Any]:
     dtype = projection.layer_dtype(x, self.dtype)
     out = self.out_features or x.shape[-1]
     routing = self.routing
@@ -277,7 +324,7 @@ class MoE(LayerBase):
       sharding.ROUTER_PROJ_AXES,
       jnp.promote_types(x.dtype, jnp.float32),
       use_bias=self.router_use_bias,
-    )(x)
+    )(x if key is None else jitter(x, key, self.router_jitter_noise))
     bias = None
     if routing.router == 'sigmoid':
       bias = self.variable(
@@ -297,6 +344,7 @@ class MoE(LayerBase):
       score_correction_bias=bias,
       precision=self.precision,
       hooked=self.hooked,
+      token_mask=mask,
     )
     if self.shared_hidden_features is not None:
       y = moe_body.add_shared(y, *self._shared(xc, out, dtype))

@@ -36,9 +36,11 @@ from flaxact._src.moe.experts.api import (
   transform_impl,
 )
 from flaxact._src.moe.experts.parallel import expert_parallel_ffn
+from flaxact._src.moe.jitter import check_noise, jitter
 from flaxact._src.moe.routing_step import MoEAux as MoEAux
 from flaxact._src.moe.routing_step import Routed, route
 from flaxact._src.moe.settings import Router, RoutingSettings
+from flaxact._src.moe.token_mask import check_token_mask
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -122,6 +124,9 @@ def moe_ffn(
   router_logits: ArrayLike | None = None,
   mesh: jax.sharding.Mesh | None = None,
   expert_axis: str = 'expert',
+  token_mask: ArrayLike | None = None,
+  router_jitter_noise: float = 0.0,
+  key: Array | None = None,
 ) -> tuple[Array, MoEAux]:
   r"""A routed (mixture-of-experts) gated FFN of plain arrays.
 
@@ -135,8 +140,16 @@ def moe_ffn(
   **Dropless by default**; ``capacity_factor=c`` keeps at most
   ``ceil(c * T * k / E)`` assignments per expert, dropping the overflow in
   token order (``aux.dropped``). Gradients reach the router through the
-  weights. The backward pass keeps two ``(rows, hidden)`` arrays, tagged
-  ``'moe_gate'`` and ``'moe_up'``.
+  weights.
+
+  ``token_mask`` (``True`` = a real token) leaves padding out: masked tokens
+  are routed to no expert (no expert computes for them, in every impl and
+  under expert parallelism), their output is zero, and they count in no
+  load, loss or drop. With ``capacity_factor`` the capacity stays
+  ``ceil(c * T * k / E)`` with ``T`` every position (a static shape), and
+  masked tokens take no slot: each expert keeps its first assignments of
+  real tokens in token order. The backward pass keeps two
+  ``(rows, hidden)`` arrays, tagged ``'moe_gate'`` and ``'moe_up'``.
 
   Args:
     x: tokens, ``(..., d)``, floating dtype; the experts compute in it.
@@ -183,6 +196,14 @@ def moe_ffn(
       one device (or whatever sharding ``jit`` propagates; ``'dense'``
       always leaves the sharding to ``jit``).
     expert_axis: the mesh axis of the experts.
+    token_mask: ``(...)`` bool, the token shape of ``x``; ``True`` for a
+      real token. ``None``: every token is real.
+    router_jitter_noise: ``eps`` in ``[0, 1)``: with ``key``, the router
+      sees ``x * u``, ``u ~ U(1 - eps, 1 + eps)`` per element (the experts
+      see ``x``), as in training. 0 (default): no noise.
+    key: the PRNG key of the jitter noise; needed when
+      ``router_jitter_noise > 0`` (for inference pass
+      ``router_jitter_noise=0.0``).
 
   Returns:
     ``(y, aux)``: ``y`` of shape ``(..., d_out)`` in the dtype of ``x``, and
@@ -190,9 +211,11 @@ def moe_ffn(
 
   Raises:
     ValueError: for ``k`` outside ``[1, E]``, an unknown router or impl,
-      groups not dividing the experts, ``capacity_factor <= 0`` or
-      mismatched shapes.
-    TypeError: for integer input.
+      groups not dividing the experts, ``capacity_factor <= 0``,
+      mismatched shapes (a ``token_mask`` not of shape ``x.shape[:-1]``),
+      ``router_jitter_noise`` outside ``[0, 1)`` or without ``key`` (or
+      with ``router_logits``).
+    TypeError: for integer input or a ``token_mask`` that is not bool.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flaxact
@@ -206,6 +229,17 @@ def moe_ffn(
     ...     jax.random.normal(ks[3], (4, 16, 8)), experts_per_token=2)
     >>> y.shape, aux.expert_load.sum()
     ((6, 8), Array(12, dtype=int32))
+
+    Padding left out with a token mask (its output is zero):
+
+    >>> mask = jnp.array([True, True, True, True, False, False])
+    >>> y, aux = moe(x, jax.random.normal(ks[1], (8, 4)),
+    ...     jax.random.normal(ks[2], (4, 8, 16)),
+    ...     jax.random.normal(ks[3], (4, 8, 16)),
+    ...     jax.random.normal(ks[3], (4, 16, 8)), experts_per_token=2,
+    ...     token_mask=mask)
+    >>> aux.expert_load.sum(), float(jnp.abs(y[4:]).max())
+    (Array(8, dtype=int32), 0.0)
   """
   settings = RoutingSettings(
     experts_per_token=experts_per_token,
@@ -238,10 +272,13 @@ def moe_ffn(
     score_correction_bias,
   )
   lead = x.shape[:-1]
+  mask = check_token_mask(token_mask, lead, 'moe_ffn')
+  eps = check_noise(router_jitter_noise, key, router_logits)
   tokens = x.reshape(-1, x.shape[-1])
   if router_logits is None:
+    router_in = tokens if key is None or not eps else jitter(tokens, key, eps)
     logits = _router_logits(
-      tokens, router_kernel, router_bias, precision, dot_general
+      router_in, router_kernel, router_bias, precision, dot_general
     )
   else:
     e = jnp.shape(router_kernel)[-1]
@@ -253,6 +290,7 @@ def moe_ffn(
     score_correction_bias=score_correction_bias,
     impl=resolved,
     mesh=None if resolved == 'dense' else mesh,
+    token_mask=None if mask is None else mask.reshape(-1),
   )
   cast = lambda a: None if a is None else a.astype(x.dtype)
   y = routed_experts(
@@ -339,7 +377,7 @@ def routed_experts(
   return expert_parallel_ffn(
     tokens,
     r.kept_weights,
-    r.experts,
+    r.routed_experts,
     kernels,
     biases,
     mesh=mesh,

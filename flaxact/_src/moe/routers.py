@@ -7,8 +7,7 @@ Mixtral, Qwen-MoE, OLMoE, GPT-OSS (``router='softmax'``) and DeepSeek-V3
 (``router='sigmoid'``, with ``score_correction_bias`` and group-limited
 routing) do. Ties go to the lower expert index.
 
-:func:`load_balancing_loss` (Switch Transformer / Mixtral) and
-:func:`router_z_loss` (ST-MoE) are the auxiliary losses;
+The auxiliary losses live in :mod:`flaxact._src.moe.losses`;
 :func:`update_score_correction_bias` is DeepSeek-V3's auxiliary-loss-free
 balancing step.
 """
@@ -217,7 +216,7 @@ def top_k_routing(
   return weights * routed_scaling_factor, experts.astype(jnp.int32)
 
 
-def _check_experts(experts: Any, num_experts: int) -> Array:
+def check_experts(experts: Any, num_experts: int) -> Array:
   experts = jnp.asarray(experts)
   if not jnp.issubdtype(experts.dtype, jnp.integer):
     raise TypeError(
@@ -225,86 +224,6 @@ def _check_experts(experts: Any, num_experts: int) -> Array:
       f' {np.dtype(experts.dtype).name}.'
     )
   return experts
-
-
-def load_balancing_loss(
-  router_logits: ArrayLike, experts: ArrayLike, num_experts: int
-) -> Array:
-  r"""The Switch Transformer / Mixtral load-balancing loss of one layer.
-
-  .. math::
-    L = E \sum_e f_e P_e
-
-  with ``f_e`` the fraction of tokens whose top-k includes expert ``e`` (the
-  ``f_e`` sum to ``k``) and ``P_e`` the mean softmax probability of ``e``, as
-  Hugging Face's ``load_balancing_loss_func`` computes it for one layer. A
-  perfectly balanced router scores ``k``; only ``P`` carries a gradient.
-
-  Args:
-    router_logits: ``(..., num_experts)`` logits, floating dtype.
-    experts: ``(..., k)`` chosen expert indices (from :func:`top_k_routing`).
-    num_experts: the number of experts ``E``.
-
-  Returns:
-    A float32 scalar.
-
-  Raises:
-    ValueError: if the logits' last axis is not ``num_experts`` or the
-      leading shapes differ.
-    TypeError: for integer logits or non-integer ``experts``.
-
-  Examples:
-    >>> import jax.numpy as jnp, flaxact
-    >>> logits = jnp.zeros((4, 8))
-    >>> experts = jnp.array([[0, 1], [2, 3], [4, 5], [6, 7]])
-    >>> flaxact.load_balancing_loss(logits, experts, 8)
-    Array(2., dtype=float32)
-
-  References:
-    Fedus et al., "Switch Transformers", 2021. https://arxiv.org/abs/2101.03961
-  """
-  logits = at_least_f32(as_float_array(router_logits, 'router_logits'))
-  experts = _check_experts(experts, num_experts)
-  if logits.shape[-1] != num_experts or logits.shape[:-1] != experts.shape[:-1]:
-    raise ValueError(
-      f'load_balancing_loss: expected router_logits (..., {num_experts}) and'
-      f' experts (..., k) with the same leading shape; got'
-      f' {tuple(logits.shape)} and {tuple(experts.shape)}.'
-    )
-  probs = jax.nn.softmax(logits.reshape(-1, num_experts), axis=-1)
-  flat = experts.reshape(probs.shape[0], experts.shape[-1])
-  hits = jax.nn.one_hot(flat, num_experts, dtype=logits.dtype)
-  tokens = max(probs.shape[0], 1)  # no tokens: 0, not 0 / 0
-  fraction = hits.sum((0, 1)) / tokens
-  return num_experts * jnp.sum(fraction * probs.sum(0) / tokens)
-
-
-def router_z_loss(router_logits: ArrayLike) -> Array:
-  r"""ST-MoE's router z-loss, ``mean(logsumexp(logits) ** 2)``.
-
-  .. math::
-    L_z = \frac{1}{T} \sum_t \Big(\log \sum_e e^{z_{te}}\Big)^2
-
-  Args:
-    router_logits: ``(..., num_experts)`` logits, floating dtype.
-
-  Returns:
-    A float32 scalar.
-
-  Raises:
-    TypeError: for integer logits.
-
-  Examples:
-    >>> import jax.numpy as jnp, flaxact
-    >>> flaxact.router_z_loss(jnp.zeros((3, 4)))  # log(4) ** 2
-    Array(1.921812, dtype=float32)
-
-  References:
-    Zoph et al., "ST-MoE", 2022. https://arxiv.org/abs/2202.08906
-  """
-  logits = at_least_f32(as_float_array(router_logits, 'router_logits'))
-  z = jax.nn.logsumexp(logits, axis=-1) ** 2
-  return jnp.sum(z) / max(z.size, 1)  # no tokens: 0, not 0 / 0
 
 
 def update_score_correction_bias(

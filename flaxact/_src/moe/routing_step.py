@@ -9,6 +9,8 @@ outputs (:class:`MoEAux`).
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -19,8 +21,13 @@ from flaxact._src.moe.experts import dense
 from flaxact._src.moe.experts.api import (
   GroupedImplUnderQuantizerWarning as GroupedImplUnderQuantizerWarning,
 )
-from flaxact._src.moe.routers import load_balancing_loss, router_z_loss
+from flaxact._src.moe.losses import (
+  load_balancing_loss,
+  router_z_loss,
+  sequence_balance_loss,
+)
 from flaxact._src.moe.settings import RoutingSettings
+from flaxact._src.moe.token_mask import route_experts
 
 Array = jax.Array
 
@@ -28,16 +35,24 @@ Array = jax.Array
 class MoEAux(NamedTuple):
   """Auxiliary outputs of :func:`moe_ffn` (leading token shape ``...``).
 
+  With a ``token_mask``, masked tokens keep the ``weights`` and ``experts``
+  the router chose for them (unused: they reach no expert), are never
+  ``dropped`` and count in no load, drop count or loss.
+
   Attributes:
     router_logits: ``(..., E)`` float32.
     weights: ``(..., k)`` float32 routing weights (before dropping).
     experts: ``(..., k)`` int32 chosen experts.
     dropped: ``(..., k)`` bool, assignments over capacity.
-    expert_load: ``(E,)`` int32 tokens routed to each expert (before
+    expert_load: ``(E,)`` int32 real tokens routed to each expert (before
       dropping).
-    dropped_tokens: ``()`` int32 number of dropped assignments.
+    dropped_tokens: ``()`` int32 number of dropped assignments (of real
+      tokens, in this call).
     load_balancing_loss: float32 scalar (on ``softmax(logits)``).
     router_z_loss: float32 scalar.
+    sequence_balance_loss: float32 scalar, :func:`sequence_balance_loss`
+      with the router's scores; the sequences are the last token axis
+      (``(..., seq)``; a 1-D token shape is one sequence).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -62,6 +77,17 @@ class MoEAux(NamedTuple):
   dropped_tokens: Array
   load_balancing_loss: Array
   router_z_loss: Array
+  sequence_balance_loss: Array
+
+
+def sequences(lead: tuple[int, ...]) -> tuple[int, int]:
+  """``(batch, seq)`` of a token shape: the last axis is the sequence.
+
+  ``(T,)`` (and ``()``, one token) is one sequence.
+  """
+  if not lead:
+    return 1, 1
+  return math.prod(lead[:-1]), lead[-1]
 
 
 class Routed(NamedTuple):
@@ -71,9 +97,12 @@ class Routed(NamedTuple):
     logits: ``(T, E)`` float32 router logits.
     weights: ``(T, k)`` routing weights.
     experts: ``(T, k)`` chosen experts.
-    dropped: ``(T, k)`` bool, assignments over capacity.
+    dropped: ``(T, k)`` bool, assignments over capacity (never those of
+      masked tokens).
     layout: the sorted layout of a grouped impl, or ``None``.
     capacity: assignments kept per expert, or ``None`` (dropless).
+    mask: ``(T,)`` bool token mask (``True``: a real token), or ``None``.
+    router: the router's name (for the sequence-wise loss).
   """
 
   logits: Array
@@ -82,11 +111,25 @@ class Routed(NamedTuple):
   dropped: Array
   layout: dispatch.Layout | None
   capacity: int | None = None
+  mask: Array | None = None
+  router: str = 'softmax'
+
+  @property
+  def routed_experts(self) -> Array:
+    """``(T, k)`` experts, ``E`` (no expert) for masked tokens."""
+    return route_experts(self.experts, self.mask, self.logits.shape[-1])
+
+  @property
+  def unrouted(self) -> Array:
+    """``(T, k)`` bool: assignments that reach no expert."""
+    if self.mask is None:
+      return self.dropped
+    return self.dropped | ~self.mask[:, None]
 
   @property
   def kept_weights(self) -> Array:
-    """``(T, k)`` weights, zero where dropped."""
-    return jnp.where(self.dropped, 0.0, self.weights)
+    """``(T, k)`` weights, zero where dropped or masked."""
+    return jnp.where(self.unrouted, 0.0, self.weights)
 
   def dense_ffn(self, x: Array, projections, gated_product) -> Array:
     """The ``'dense'`` experts of ``(T, d)`` tokens ``x``.
@@ -96,8 +139,8 @@ class Routed(NamedTuple):
     return dense.experts_ffn(
       x,
       self.weights,
-      self.experts,
-      self.dropped,
+      self.routed_experts,
+      self.unrouted,
       projections,
       gated_product,
       num_experts=self.logits.shape[-1],
@@ -107,15 +150,28 @@ class Routed(NamedTuple):
   def aux(self, lead: tuple[int, ...]) -> MoEAux:
     """The :class:`MoEAux`, token axes reshaped to ``lead``."""
     e, k = self.logits.shape[-1], self.experts.shape[-1]
+    m = self.mask
+    load = jax.nn.one_hot(self.routed_experts, e, dtype=jnp.int32)
+    b, s = sequences(lead)
+    seq = sequence_balance_loss(
+      self.logits.reshape(b, s, e),
+      self.experts.reshape(b, s, k),
+      e,
+      router=self.router,
+      token_mask=None if m is None else m.reshape(b, s),
+    )
     return MoEAux(
       router_logits=self.logits.reshape(*lead, e),
       weights=self.weights.reshape(*lead, k),
       experts=self.experts.reshape(*lead, k),
       dropped=self.dropped.reshape(*lead, k),
-      expert_load=jax.nn.one_hot(self.experts, e, dtype=jnp.int32).sum((0, 1)),
+      expert_load=load.sum((0, 1)),
       dropped_tokens=self.dropped.sum().astype(jnp.int32),
-      load_balancing_loss=load_balancing_loss(self.logits, self.experts, e),
-      router_z_loss=router_z_loss(self.logits),
+      load_balancing_loss=load_balancing_loss(
+        self.logits, self.experts, e, token_mask=m
+      ),
+      router_z_loss=router_z_loss(self.logits, token_mask=m),
+      sequence_balance_loss=seq,
     )
 
 
@@ -126,8 +182,13 @@ def route(
   score_correction_bias: Any,
   impl: str,
   mesh: Any,
+  token_mask: Array | None = None,
 ) -> Routed:
   """Top-k routing of ``(T, E)`` logits and, for grouped impls, the layout.
+
+  Masked tokens are routed to no expert: they take no capacity slot (the
+  capacity ranks count real tokens only; the capacity itself comes from
+  ``T``, every position, a static shape) and are never dropped.
 
   Args:
     logits: ``(T, E)`` float32.
@@ -135,6 +196,7 @@ def route(
     score_correction_bias: ``(E,)`` for the sigmoid router, or ``None``.
     impl: a resolved impl (not ``'auto'``).
     mesh: the expert-parallel mesh or ``None``.
+    token_mask: ``(T,)`` bool (``True``: a real token) or ``None``.
 
   Returns:
     The :class:`Routed`.
@@ -146,8 +208,12 @@ def route(
   t, k = experts.shape
   e = logits.shape[-1]
   capacity = settings.capacity(tokens=t, num_experts=e)
+  none = jnp.zeros((t, k), bool)
+  done = functools.partial(
+    Routed, logits, weights, experts, mask=token_mask, router=settings.router
+  )
   if t == 0:  # no tokens: nothing to lay out (the caller returns zeros)
-    return Routed(logits, weights, experts, jnp.zeros((t, k), bool), None)
+    return done(none, None)
   if mesh is not None and impl != 'dense':
     if capacity is not None:
       raise ValueError(
@@ -155,13 +221,17 @@ def route(
         f' supported; got capacity_factor={settings.capacity_factor}. Use the'
         ' dropless default (capacity_factor=None) with a mesh.'
       )
-    return Routed(logits, weights, experts, jnp.zeros((t, k), bool), None)
+    return done(none, None)
+  routed = route_experts(experts, token_mask, e)  # masked: expert E
   if impl == 'dense':
-    dropped = jnp.zeros((t, k), bool)
+    dropped = none
     if capacity is not None:
-      rank = dense.expert_rank(experts.reshape(-1), e)
+      rank = dense.expert_rank(routed.reshape(-1), e)  # E: rank -1
       dropped = (rank >= capacity).reshape(t, k)
-    return Routed(logits, weights, experts, dropped, None, capacity)
+    return done(dropped, None, capacity)
   tile = 1 if impl == 'ragged' else int(settings.tile_size)
-  layout = dispatch.make_layout(experts, e, tile, capacity)
-  return Routed(logits, weights, experts, layout.dropped, layout, capacity)
+  layout = dispatch.make_layout(routed, e, tile, capacity)
+  dropped = layout.dropped  # the sentinel E counts as dropped there
+  if token_mask is not None:
+    dropped = dropped & token_mask[:, None]
+  return done(dropped, layout, capacity)

@@ -87,9 +87,9 @@ class LayerBase(nnx.Module):
     self.remat = remat
 
   def run(
-    self, forward: Callable[..., Any], x: Array, key: Array | None
+    self, forward: Callable[..., Any], x: Array, key: Array | None, *args: Any
   ) -> Any:
-    """Calls ``forward(self, x, key)``; with ``remat``, under ``nnx.remat``.
+    """Calls ``forward(self, x, key, *args)``; with remat, ``nnx.remat``.
 
     The policy saves only the class's ``remat_names``. ``nnx.remat`` (not
     ``jax.checkpoint`` over a closure of the module) lets the module's state
@@ -99,12 +99,12 @@ class LayerBase(nnx.Module):
     ``jax.checkpoint`` with the same policy.
     """
     if not self.remat:
-      return forward(self, x, key)
+      return forward(self, x, key, *args)
     policy = remat.save_only(self.remat_names)
     if _state_writable(self):
-      return nnx.remat(forward, policy=policy)(self, x, key)
+      return nnx.remat(forward, policy=policy)(self, x, key, *args)
     closure = functools.partial(forward, self)
-    return jax.checkpoint(closure, policy=policy)(x, key)
+    return jax.checkpoint(closure, policy=policy)(x, key, *args)
 
   def __nnx_repr__(self):
     """Shows the activation by name."""

@@ -27,7 +27,8 @@ Examples:
    'up_proj': {'kernel': (4, 16, 32)}}
   >>> y, aux = nnx.capture(layer, nnx.Intermediate)(jnp.ones((2, 5, 16)))
   >>> y.shape, sorted(aux)
-  ((2, 5, 16), ['expert_load', 'load_balancing_loss', 'router_z_loss'])
+  ((2, 5, 16), ['expert_load', 'load_balancing_loss', 'router_z_loss',
+               'sequence_balance_loss'])
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ from flaxact._src.layers import moe_body, projection, remat, sharding
 from flaxact._src.layers.projection import DotGeneralCls, ProjectionOptions
 from flaxact._src.moe.api import expert_product
 from flaxact._src.moe.experts.api import Impl
+from flaxact._src.moe.jitter import check_jitter, jitter
 from flaxact._src.moe.settings import Router, RoutingSettings
-from flaxact._src.nnx import experts
+from flaxact._src.moe.token_mask import check_token_mask
+from flaxact._src.nnx import experts, router_noise
 from flaxact._src.nnx.base import LayerBase
 from flaxact._src.nnx.gated import GatedFFN
 from flaxact._src.nnx.projection import (
@@ -77,13 +80,33 @@ class MoE(LayerBase):
   index.
 
   Each call records ``load_balancing_loss`` (on ``softmax(logits)`` whatever
-  the router), ``router_z_loss`` and ``expert_load`` (``(E,)`` int32 tokens
-  routed to each expert) as ``nnx.Intermediate`` (``self.sow``) when called
+  the router), ``sequence_balance_loss`` (DeepSeek-V3's sequence-wise loss,
+  :func:`flaxact.sequence_balance_loss` with this router's scores: the
+  sequences are the input's second-to-last axis, ``(..., seq, d)``; a
+  ``(T, d)`` input is one sequence), ``router_z_loss`` and ``expert_load``
+  (``(E,)`` int32 tokens routed to each expert), and with a
+  ``capacity_factor`` ``dropped_assignments`` (the assignments this call
+  dropped), as ``nnx.Intermediate`` (``self.sow``) when called
   under ``nnx.capture`` (Flax 0.12's way to collect intermediates; outside
   it nothing is recorded): ``y, aux = nnx.capture(layer,
   nnx.Intermediate)(x)``, each value a one-element tuple per call. Add the
   losses to the training loss yourself: they are never added to the
   output.
+
+  ``token_mask`` (the call's, ``x.shape[:-1]`` bool, ``True`` = a real
+  token) leaves padding out: masked tokens reach no expert (no expert
+  computes for them), get no routed output, take no capacity slot (the
+  capacity ``ceil(c * T * k / E)`` still counts every position of ``x`` in
+  ``T``) and count in no recorded statistic or loss. The shared expert, a
+  dense FFN, still runs on every token, so a masked token's output is the
+  shared expert's (zero without one).
+
+  ``router_jitter_noise=eps`` multiplies the router's input (not the
+  experts') by ``U(1 - eps, 1 + eps)`` noise in training, as
+  ``nnx.Dropout``: while ``deterministic`` is ``False`` (the attribute, set
+  by ``layer.train()``/``layer.eval()``, or the call's argument), drawn
+  from the ``'dropout'`` stream of ``rngs`` (or ``'default'``) kept at
+  construction or from the call's ``rngs=``.
 
   The router, ``shared_expert`` and ``shared_expert_gate`` are ordinary
   projections: ``dot_general``/``dot_general_cls`` hooks and Qwix reach them
@@ -144,6 +167,11 @@ class MoE(LayerBase):
       grouped impl with a ``dot_general`` hook is an error; under Qwix it
       warns that the experts stay float.
     tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
+    router_jitter_noise: ``eps`` in ``[0, 1)`` of the router input's jitter
+      noise in training (Mixtral's ``router_jitter_noise``); 0: none.
+    deterministic: the default of the call's ``deterministic``; ``False``
+      (as ``nnx.Dropout``) applies the jitter noise. ``layer.eval()`` sets
+      it to ``True``.
     remat: memory-lean backward (``nnx.remat`` with a policy that saves
       only the experts' gate and up pre-activations, ``'moe_gate'`` and
       ``'moe_up'``, and the shared expert's, ``'ffn_gate'`` and
@@ -151,14 +179,17 @@ class MoE(LayerBase):
     record_intermediates: also record the auxiliary outputs outside
       ``nnx.capture``, as ``nnx.Intermediate`` attributes of the layer (what
       ``nnx.bridge.to_linen`` returns under ``mutable=['intermediates']``).
-    rngs: ``params`` initialises the weights.
+    rngs: ``params`` initialises the weights; ``dropout`` (or ``default``)
+      is kept for the jitter noise when ``router_jitter_noise > 0``.
 
   Raises:
     ValueError: for ``experts_per_token`` outside ``[1, num_experts]``, an
       unknown router or impl, a grouped impl with a ``dot_general`` hook,
-      groups not dividing the experts, ``capacity_factor <= 0``, or (at the
-      call) an input of another width.
-    TypeError: for integer input or a learnable activation module.
+      groups not dividing the experts, ``capacity_factor <= 0``,
+      ``router_jitter_noise`` outside ``[0, 1)``, or (at the call) an input
+      of another width or a ``token_mask`` of another shape.
+    TypeError: for integer input, a ``token_mask`` that is not bool or a
+      learnable activation module.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -217,6 +248,8 @@ class MoE(LayerBase):
     dot_general_cls: DotGeneralCls | None = None,
     impl: Impl | str = 'auto',
     tile_size: int = 128,
+    router_jitter_noise: float = 0.0,
+    deterministic: bool = False,
     remat: bool = True,
     record_intermediates: bool = False,
     rngs: nnx.Rngs,
@@ -266,9 +299,17 @@ class MoE(LayerBase):
     self.gated_product = gated_product
     self.precision = precision
     self.record_intermediates = bool(record_intermediates)
+    name = type(self).__name__
+    self.router_jitter_noise = check_jitter(router_jitter_noise, name)
+    self.deterministic = deterministic
     self._build(options, router_use_bias, rngs)
     self._build_shared(
       options, shared_hidden_features, shared_expert_gate, rngs
+    )
+    # After the weights: with or without noise, the same seed gives the
+    # same weights.
+    self.rngs = nnx.data(
+      router_noise.keep_stream(rngs, self.router_jitter_noise)
     )
 
   def _build(self, options, router_use_bias, rngs) -> None:
@@ -307,26 +348,43 @@ class MoE(LayerBase):
     if shared_gate is not None:
       self.shared_expert_gate = shared_gate
 
-  def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    *,
+    deterministic: bool | None = None,
+    rngs: Any = None,
+    token_mask: Array | None = None,
+  ) -> Array:
     """Applies the layer and records its auxiliary outputs.
 
     Args:
       x: input of shape ``(..., in_features)``, floating dtype.
-      deterministic: accepted for a drop-in swap with the dense FFNs; the
-        layer has no randomness, so it changes nothing.
+      deterministic: ``False`` applies the router jitter noise; ``None``
+        uses the attribute. Changes nothing when ``router_jitter_noise ==
+        0`` (accepted for a drop-in swap with the dense FFNs).
+      rngs: an ``nnx.Rngs``, ``RngStream`` or key for the jitter noise,
+        instead of the stream kept at construction.
+      token_mask: ``x.shape[:-1]`` bool, ``True`` for a real token;
+        masked tokens get no routed output and count in no statistic.
+        ``None``: every token is real.
 
     Returns:
       An array of shape ``(..., out_features)`` in ``dtype`` (by default the
       input's dtype).
 
     Raises:
-      TypeError: if ``x`` is not floating point.
-      ValueError: if the last axis of ``x`` is not ``in_features``.
+      TypeError: if ``x`` is not floating point or ``token_mask`` not bool.
+      ValueError: if the last axis of ``x`` is not ``in_features``,
+        ``token_mask`` has another shape than ``x.shape[:-1]``, or for
+        jitter noise in training without an rng.
     """
-    x = checks.check_layer_input(x, type(self).__name__, self.in_features)
-    del deterministic  # no dropout or noise
+    name = type(self).__name__
+    x = checks.check_layer_input(x, name, self.in_features)
+    mask = check_token_mask(token_mask, x.shape[:-1], name)
+    key = router_noise.jitter_key(self, deterministic, rngs)
     with tracing.seen(x, nnx.state(self)):  # what remat would hide
-      out = self.run(MoE._forward, x, None)
+      out = self.run(MoE._forward, x, key, mask)
     y, aux = cast(tuple[Array, moe_body.Aux], out)
     for name, value in aux.recorded().items():
       if hasattr(self, '__captures__'):  # inside nnx.capture
@@ -337,10 +395,14 @@ class MoE(LayerBase):
         setattr(self, name, nnx.Intermediate((*values, value)))
     return y
 
-  def _forward(self, x: Array, key: Array | None) -> tuple[Array, Any]:
-    del key  # no dropout
+  def _forward(
+    self, x: Array, key: Array | None, mask: Array | None
+  ) -> tuple[Array, Any]:
     dtype = projection.layer_dtype(x, self.dtype)
-    logits = self.router(x, dtype=jnp.promote_types(x.dtype, jnp.float32))
+    router_in = x if key is None else jitter(x, key, self.router_jitter_noise)
+    logits = self.router(
+      router_in, dtype=jnp.promote_types(x.dtype, jnp.float32)
+    )
     bias = self.score_correction_bias
     experts = (self.gate_proj, self.up_proj, self.down_proj)
     xc = x.astype(dtype)
@@ -353,6 +415,7 @@ class MoE(LayerBase):
       score_correction_bias=None if bias is None else bias[...],
       precision=self.precision,
       hooked=self.hooked,
+      token_mask=mask,
     )
     if self.shared_expert is not None:
       # The shared expert before its gate, as in Linen: the same order of
