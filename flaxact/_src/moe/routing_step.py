@@ -32,12 +32,17 @@ class MoEAux(NamedTuple):
     router_logits: ``(..., E)`` float32.
     weights: ``(..., k)`` float32 routing weights (before dropping).
     experts: ``(..., k)`` int32 chosen experts.
-    dropped: ``(..., k)`` bool, assignments over capacity.
+    dropped: ``(..., k)`` bool, assignments over capacity (an expert's
+      ``capacity_factor``, or under expert parallelism a peer's
+      ``ep_capacity_factor`` budget).
     expert_load: ``(E,)`` int32 tokens routed to each expert (before
       dropping).
     dropped_tokens: ``()`` int32 number of dropped assignments.
     load_balancing_loss: float32 scalar (on ``softmax(logits)``).
     router_z_loss: float32 scalar.
+    dropped_per_device: ``(S,)`` int32 assignments the expert-parallel
+      exchange dropped on each of the ``S`` devices holding tokens (over
+      ``ep_capacity_factor``), or ``None`` without expert parallelism.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -62,6 +67,7 @@ class MoEAux(NamedTuple):
   dropped_tokens: Array
   load_balancing_loss: Array
   router_z_loss: Array
+  dropped_per_device: Array | None = None
 
 
 class Routed(NamedTuple):
@@ -74,6 +80,8 @@ class Routed(NamedTuple):
     dropped: ``(T, k)`` bool, assignments over capacity.
     layout: the sorted layout of a grouped impl, or ``None``.
     capacity: assignments kept per expert, or ``None`` (dropless).
+    dropped_per_device: ``(S,)`` exchange drops per token shard, or
+      ``None``.
   """
 
   logits: Array
@@ -82,6 +90,7 @@ class Routed(NamedTuple):
   dropped: Array
   layout: dispatch.Layout | None
   capacity: int | None = None
+  dropped_per_device: Array | None = None
 
   @property
   def kept_weights(self) -> Array:
@@ -116,6 +125,7 @@ class Routed(NamedTuple):
       dropped_tokens=self.dropped.sum().astype(jnp.int32),
       load_balancing_loss=load_balancing_loss(self.logits, self.experts, e),
       router_z_loss=router_z_loss(self.logits),
+      dropped_per_device=self.dropped_per_device,
     )
 
 
@@ -137,10 +147,9 @@ def route(
     mesh: the expert-parallel mesh or ``None``.
 
   Returns:
-    The :class:`Routed`.
-
-  Raises:
-    ValueError: ``capacity_factor`` with a mesh (grouped impls).
+    The :class:`Routed`. Under a mesh the layout is left to the devices;
+    with ``capacity_factor`` the drops are those of one device (each
+    expert keeps its first ``capacity`` assignments in global token order).
   """
   weights, experts = settings.top_k(logits, score_correction_bias)
   t, k = experts.shape
@@ -148,20 +157,16 @@ def route(
   capacity = settings.capacity(tokens=t, num_experts=e)
   if t == 0:  # no tokens: nothing to lay out (the caller returns zeros)
     return Routed(logits, weights, experts, jnp.zeros((t, k), bool), None)
-  if mesh is not None and impl != 'dense':
-    if capacity is not None:
-      raise ValueError(
-        'moe_ffn: capacity_factor with expert parallelism (mesh=...) is not'
-        f' supported; got capacity_factor={settings.capacity_factor}. Use the'
-        ' dropless default (capacity_factor=None) with a mesh.'
-      )
-    return Routed(logits, weights, experts, jnp.zeros((t, k), bool), None)
-  if impl == 'dense':
+  if impl == 'dense' or (mesh is not None and capacity is not None):
+    # The same drops as one device, in global token order (under a mesh
+    # jit computes the ranks across the token shards).
     dropped = jnp.zeros((t, k), bool)
     if capacity is not None:
       rank = dense.expert_rank(experts.reshape(-1), e)
       dropped = (rank >= capacity).reshape(t, k)
     return Routed(logits, weights, experts, dropped, None, capacity)
+  if mesh is not None:
+    return Routed(logits, weights, experts, jnp.zeros((t, k), bool), None)
   tile = 1 if impl == 'ragged' else int(settings.tile_size)
   layout = dispatch.make_layout(experts, e, tile, capacity)
   return Routed(logits, weights, experts, layout.dropped, layout, capacity)
