@@ -39,7 +39,7 @@ from flaxact._src.moe.experts import parallel
 from tests.multidevice import auto_mesh, require_devices
 
 T, D, H, E, K = 64, 16, 24, 8, 2
-TOL = dict(rtol=1e-5, atol=1e-5)  # all-to-all reorders float32 sums
+RTOL = ATOL = 1e-5  # all-to-all reorders float32 sums
 MESHES = {
   'data2_expert4': ((2, 4), ('data', 'expert')),
   'expert8': ((8,), ('expert',)),
@@ -66,7 +66,7 @@ def _close(name, got, want) -> list[str]:
   for i, (g, w) in enumerate(
     zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
   ):
-    if not np.allclose(np.asarray(g), np.asarray(w), **TOL):
+    if not np.allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL):
       err = float(np.max(np.abs(np.asarray(g) - np.asarray(w))))
       out.append(f'{name}[{i}] differs from one device: max error {err}')
   return out
@@ -114,7 +114,9 @@ def budget_case(mesh) -> list[str]:
     w, e = flaxact.top_k_routing(logits, K)
     layout = dispatch.make_layout(jnp.where(want, E, e), E, 8)
     w = jnp.where(want, 0.0, w)
-    y = dispatch.experts_ffn(x, w, layout, kernels, impl='loop', gated_product=PROD)
+    y = dispatch.experts_ffn(
+      x, w, layout, kernels, impl='loop', gated_product=PROD
+    )
     return y, None
 
   problems += _close('output', y, reference(*plain)[0])
@@ -126,8 +128,10 @@ def budget_case(mesh) -> list[str]:
 
 def capacity_case(mesh, impl) -> list[str]:
   plain, put = _args(mesh)
-  fn = lambda m: lambda *a: flaxact.moe_ffn(
-    *a, experts_per_token=K, mesh=m, impl=impl, capacity_factor=0.75
+  fn = lambda m: (
+    lambda *a: flaxact.moe_ffn(
+      *a, experts_per_token=K, mesh=m, impl=impl, capacity_factor=0.75
+    )
   )
   want_y, want_aux = fn(None)(*plain)
   y, aux = jax.jit(fn(mesh))(*put)
@@ -145,9 +149,7 @@ def capacity_case(mesh, impl) -> list[str]:
 
 def bytes_case(mesh) -> dict:
   shape = (512, 128, 64, 16, 2)
-  return {
-    str(f): moe_ep.measure(mesh, f, shape) for f in (1.25, None)
-  }
+  return {str(f): moe_ep.measure(mesh, f, shape) for f in (1.25, None)}
 
 
 def ragged_case(mesh) -> dict:
@@ -160,14 +162,14 @@ def ragged_case(mesh) -> dict:
   def fn(exchange):
     def run(x, w, e, *kernels):
       return parallel.expert_parallel_ffn(
-        x, w, e, kernels, (None,) * 3, mesh=mesh, impl='ragged',
+        x, w, e, kernels, (None, None, None), mesh=mesh, impl='ragged',
         gated_product=PROD, exchange=exchange, ep_capacity_factor=1.25,
       ).y  # fmt: skip
 
     return jax.value_and_grad(lambda *a: jnp.sum(run(*a) ** 2), (0, 1, 3))
 
   args = (put[0], w, e, *put[2:])
-  out = {'exported': {}}
+  out: dict = {'exported': {}}
   for exchange in ('padded', 'ragged'):
     for platform in ('tpu', 'cuda'):
       # ragged_all_to_all has no export compatibility guarantee yet: an

@@ -91,11 +91,11 @@ def _ratio(got, want) -> float:
 def kernel_gathers(hlo: str) -> list[str]:
   """All-gathers whose result ends in a kernel's ``(D, H)`` or ``(H, D)``
   (any split of ``H``): an expert or shared-expert kernel gathered."""
-  dims = '|'.join(
-    f'{a},{b}' for h in (H, H // 2) for a, b in ((D, h), (h, D))
-  )
+  dims = '|'.join(f'{a},{b}' for h in (H, H // 2) for a, b in ((D, h), (h, D)))
   pattern = re.compile(rf'\[(?:\d+,)*(?:{dims})\]\S* all-gather(?:-start)?\(')
-  return [line.strip()[:200] for line in hlo.splitlines() if pattern.search(line)]
+  return [
+    line.strip()[:200] for line in hlo.splitlines() if pattern.search(line)
+  ]
 
 
 def _collectives(step, *args) -> dict:

@@ -68,9 +68,11 @@ def test_ragged_exchange_exports_and_runs_where_the_backend_has_it():
 
 
 def test_all_to_all_bytes_reads_tuple_and_array_results():
-  hlo = '\n'.join([
-    '  %a = (f32[1,5,16]{2,1,0}, s32[1,5]{1,0}) all-to-all(%x, %y), dims={0}',
-    '  %b = bf16[4,8]{1,0} all-to-all(%z), dimensions={0}',
-    '  %c = f32[4,8]{1,0} all-gather(%z), dimensions={0}',
-  ])
+  hlo = '\n'.join(
+    [
+      '  %a = (f32[1,5,16]{2,1,0}, s32[1,5]{1,0}) all-to-all(%x, %y), dims={0}',
+      '  %b = bf16[4,8]{1,0} all-to-all(%z), dimensions={0}',
+      '  %c = f32[4,8]{1,0} all-gather(%z), dimensions={0}',
+    ]
+  )
   assert cases.moe_ep.all_to_all_bytes(hlo) == 5 * 16 * 4 + 5 * 4 + 32 * 2

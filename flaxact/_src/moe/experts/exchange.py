@@ -140,8 +140,11 @@ class Received(NamedTuple):
 
 
 def padded_exchange(x, w, experts, p: Packing, *, num_local, axis):
-  """Sends every ``(ep, budget)`` block whole; returns what arrived and the
-  function that sends the experts' output rows back (``(T, k)`` rows)."""
+  """Sends every ``(ep, budget)`` block whole, padding included.
+
+  Returns what arrived (:class:`Received`) and the function that sends the
+  experts' output rows back, ``(T, k, d_out)`` (zeros where dropped).
+  """
   t, k = experts.shape
   ep, budget = p.send.shape
   a2a = lambda a: jax.lax.all_to_all(a, axis, 0, 0, tiled=True)
@@ -202,8 +205,8 @@ def ragged_exchange(x, w, experts, p: Packing, *, num_local, axis):
     ragged(gm.take(w.reshape(-1), p.order), 0),
     ragged(_local_ids(experts, p.order, num_local), num_local),
   )
-  inv = jnp.zeros((n,), jnp.int32).at[p.order].set(
-    jnp.arange(n, dtype=jnp.int32)
+  inv = (
+    jnp.zeros((n,), jnp.int32).at[p.order].set(jnp.arange(n, dtype=jnp.int32))
   )
   back_row = jnp.where(p.kept.reshape(-1), inv, n)
 
@@ -231,7 +234,6 @@ def choose_exchange(exchange: str) -> str:
     return 'padded' if jax.default_backend() == 'cpu' else 'ragged'
   if exchange not in EXCHANGES:
     raise ValueError(
-      "exchange must be 'auto', 'padded' or 'ragged'; got"
-      f' {exchange!r}.'
+      f"exchange must be 'auto', 'padded' or 'ragged'; got {exchange!r}."
     )
   return exchange

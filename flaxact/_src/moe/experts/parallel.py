@@ -183,7 +183,7 @@ def expert_parallel_ffn(
       f'tensor-parallel experts over {mesh.shape[tensor_axis]} devices need'
       f' a hidden width divisible by it; got {kernels[0].shape[-1]}.'
     )
-  t, k = experts.shape
+  t = experts.shape[0]
   others = [a for a in mesh.axis_names if a not in (expert_axis, tensor_axis)]
   token_axes = (*others, expert_axis)
   shards = math.prod(mesh.shape[a] for a in token_axes)
@@ -220,7 +220,10 @@ def expert_parallel_ffn(
       tokens,
       tokens,
       kernel_specs,
-      tuple(None if b is None else s for b, s in zip(biases, bias_specs)),
+      tuple(
+        None if b is None else s
+        for b, s in zip(biases, bias_specs, strict=True)
+      ),
     ),
     out_specs=(tokens, tokens, tokens),
   )
@@ -232,7 +235,8 @@ def expert_parallel_ffn(
   y, dropped, per_device = fn(x, weights, experts, kernels, biases)
   if pad and _explicit(mesh):  # t rows cannot stay split over the mesh
     y, dropped = (
-      jax.reshard(a, jax.sharding.NamedSharding(mesh, P())) for a in (y, dropped)
+      jax.reshard(a, jax.sharding.NamedSharding(mesh, P()))
+      for a in (y, dropped)
     )
   return ParallelResult(y[:t], dropped[:t], per_device)
 
