@@ -199,9 +199,11 @@ def moe_ffn(
 
   Raises:
     ValueError: for ``k`` outside ``[1, E]``, an unknown router or impl,
-      groups not dividing the experts, ``capacity_factor <= 0`` or
+      groups not dividing the experts, ``capacity_factor <= 0`` (or
+      ``ep_capacity_factor <= 0``), an indivisible expert-parallel split or
       mismatched shapes.
-    TypeError: for integer input.
+    TypeError: for integer input, or an ``ep_capacity_factor`` that is not
+      a number.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flaxact
