@@ -13,8 +13,15 @@ from __future__ import annotations
 import functools
 import pathlib
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+import flaxact
+from flaxact import linen as fl
+from flaxact import nnx as fx
+from flaxact._src.moe.experts.exchange import peer_budget
 from tests import ep_exchange_cases as cases
 from tests.multidevice import json_report
 
@@ -76,3 +83,51 @@ def test_all_to_all_bytes_reads_tuple_and_array_results():
     ]
   )
   assert cases.moe_ep.all_to_all_bytes(hlo) == 5 * 16 * 4 + 5 * 4 + 32 * 2
+
+
+# ---------------------------------------------------------- one device
+
+
+def _moe_args():
+  ks = jax.random.split(jax.random.key(0), 5)
+  return (
+    jax.random.normal(ks[0], (6, 8)),
+    jax.random.normal(ks[1], (8, 4)),
+    jax.random.normal(ks[2], (4, 8, 16)),
+    jax.random.normal(ks[3], (4, 8, 16)),
+    jax.random.normal(ks[4], (4, 16, 8)),
+  )
+
+
+def test_peer_budget_is_the_ceiling_bounded_by_what_a_peer_can_receive():
+  # tokens, k, experts per peer, peers
+  assert peer_budget(1.25, 128, 2, 2, 4) == 80  # ceil(1.25 * 256 / 4)
+  assert peer_budget(1.25, 3, 2, 2, 4) == 2  # ceil(1.875)
+  assert peer_budget(None, 128, 2, 2, 4) == 256  # dropless: T * min(k, E/ep)
+  assert peer_budget(None, 128, 4, 2, 8) == 256
+  assert peer_budget(100.0, 128, 2, 2, 4) == 256  # never above that
+  assert peer_budget(1e-9, 128, 2, 2, 4) == 1
+
+
+@pytest.mark.parametrize(
+  ('value', 'error'), [(0, ValueError), (-1.0, ValueError), ('1', TypeError)]
+)
+def test_ep_capacity_factor_is_validated_everywhere(value, error):
+  with pytest.raises(error, match='moe_ffn: ep_capacity_factor'):
+    flaxact.moe_ffn(*_moe_args(), experts_per_token=2, ep_capacity_factor=value)
+  with pytest.raises(error, match='MoE: ep_capacity_factor'):
+    fx.MoE(8, 16, 4, 2, ep_capacity_factor=value, rngs=nnx.Rngs(0))
+  with pytest.raises(error, match='MoE: ep_capacity_factor'):
+    fl.MoE(16, 4, 2, ep_capacity_factor=value).init(
+      jax.random.key(0), _moe_args()[0]
+    )
+
+
+def test_ep_capacity_factor_does_nothing_without_a_mesh():
+  want, _ = flaxact.moe_ffn(*_moe_args(), experts_per_token=2)
+  got, aux = flaxact.moe_ffn(
+    *_moe_args(), experts_per_token=2, ep_capacity_factor=0.1
+  )
+  np.testing.assert_array_equal(got, want)
+  assert aux.dropped_per_device is None
+  assert int(aux.dropped_tokens) == 0
