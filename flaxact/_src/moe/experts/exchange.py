@@ -13,9 +13,8 @@ first, so the experts' computation is the same whichever exchange ran:
   ``ep · budget`` rows per device. Runs on every backend.
 - :func:`ragged_exchange`: one small ``all_to_all`` of the per-peer counts,
   then :func:`jax.lax.ragged_all_to_all` of the valid rows only: bytes moved
-  proportional to the rows routed. XLA:CPU does not implement
-  ``ragged-all-to-all`` (it lowers, compiles for GPU and TPU, but not for
-  CPU).
+  proportional to the rows routed. It lowers (and exports) for GPU and TPU;
+  XLA:CPU does not implement ``ragged-all-to-all`` and cannot compile it.
 
 The budget (:func:`peer_budget`): ``ceil(ep_capacity_factor · T·k / ep)``
 rows, or, dropless (``None``), every assignment (``T · min(k, E/ep)``, the
