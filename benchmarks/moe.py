@@ -115,6 +115,7 @@ def _args(argv=None):
     help='run above --max-load anyway; figures are marked as under load',
   )
   p.add_argument('--torch-worker', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--ep', action='store_true', help='expert-parallel bytes')
   a = p.parse_args(argv)
   a.shape_table = QUICK if a.quick else SHAPES
   a.shape_names = [name for name in a.shapes.split(',') if name]
@@ -508,6 +509,13 @@ def _print_impls(results, torch_res, a):
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if '--ep' in argv:  # the exchange's bytes and memory: benchmarks/moe_ep.py
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import moe_ep
+
+    moe_ep.main([arg for arg in argv if arg != '--ep'])
+    return
   a = _args(argv)
   if a.torch_worker:
     import torch

@@ -44,7 +44,10 @@ class Aux(NamedTuple):
 
   ``dropped_assignments`` (``()`` int32, the assignments of real tokens
   dropped over capacity in this call) is recorded too when the layer has a
-  ``capacity_factor``.
+  ``capacity_factor`` or an ``ep_capacity_factor``, and
+  ``dropped_per_device`` (``(S,)`` int32, the expert-parallel exchange's
+  drops on each device holding tokens) when the layer ran expert-parallel
+  with an ``ep_capacity_factor``.
   """
 
   load_balancing_loss: Array
@@ -52,12 +55,15 @@ class Aux(NamedTuple):
   router_z_loss: Array
   expert_load: Array
   dropped_assignments: Array | None = None
+  dropped_per_device: Array | None = None
 
   def recorded(self) -> dict[str, Array]:
     """The values to record by name (:data:`RECORDED`, and the drops)."""
     out = {name: getattr(self, name) for name in RECORDED}
     if self.dropped_assignments is not None:
       out['dropped_assignments'] = self.dropped_assignments
+    if self.dropped_per_device is not None:
+      out['dropped_per_device'] = self.dropped_per_device
     return out
 
 
@@ -125,6 +131,18 @@ def stacked_init(init: Callable[..., Array]) -> Callable[..., Array]:
   return init_stacked
 
 
+def _mesh_axis(mesh: Any, logical: str) -> str | None:
+  """The mesh axis (of size > 1) the active rules map ``logical`` to."""
+  axis = None
+  for name, mesh_axis in spmd.get_logical_axis_rules():
+    if name == logical:  # the first rule naming it wins
+      axis = mesh_axis
+      break
+  if not isinstance(axis, str) or axis not in mesh.axis_names:
+    return None
+  return axis if mesh.shape[axis] > 1 else None
+
+
 def expert_mesh() -> tuple[Any, str]:
   """``(mesh, axis)`` for expert parallelism, or ``(None, 'expert')``.
 
@@ -132,18 +150,20 @@ def expert_mesh() -> tuple[Any, str]:
   active logical axis rules map ``'exp'`` to one of its axes of size > 1.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return None, 'expert'
-  axis = None
-  for name, mesh_axis in spmd.get_logical_axis_rules():
-    if name == 'exp':
-      axis = mesh_axis
-      break
-  if not isinstance(axis, str) or axis not in mesh.axis_names:
-    return None, 'expert'
-  if mesh.shape[axis] == 1:
-    return None, 'expert'
-  return mesh, axis
+  axis = None if mesh.empty else _mesh_axis(mesh, 'exp')
+  return (None, 'expert') if axis is None else (mesh, axis)
+
+
+def tensor_axis(mesh: Any, expert_axis: str) -> str | None:
+  """The mesh axis of the experts' ``'mlp'`` axis under expert parallelism.
+
+  ``None`` without a mesh, or where the rules leave ``'mlp'`` replicated
+  (or map it to ``expert_axis``).
+  """
+  if mesh is None:
+    return None
+  axis = _mesh_axis(mesh, 'mlp')
+  return None if axis == expert_axis else axis
 
 
 class Experts(Protocol):
@@ -220,7 +240,7 @@ def routed(
     projections = tuple(functools.partial(p, dtype=x.dtype) for p in experts)
     y = r.dense_ffn(tokens, projections, product)
   else:
-    y = api.routed_experts(
+    y, r = api.routed_experts(
       tokens,
       r,
       kernels,
@@ -233,15 +253,22 @@ def routed(
       mesh=mesh,
       expert_axis=axis,
       lean=lean,
+      ep_capacity_factor=routing.ep_capacity_factor,
+      tensor_axis=tensor_axis(mesh, axis),
     )
   a = r.aux(lead)
-  dropped = None if routing.capacity_factor is None else a.dropped_tokens
+  counted = routing.capacity_factor, routing.ep_capacity_factor
+  dropped = None if counted == (None, None) else a.dropped_tokens
+  per_device = None
+  if routing.ep_capacity_factor is not None:
+    per_device = a.dropped_per_device
   aux = Aux(
     a.load_balancing_loss,
     a.sequence_balance_loss,
     a.router_z_loss,
     a.expert_load,
     dropped,
+    per_device,
   )
   return y.reshape(*lead, y.shape[-1]).astype(x.dtype), aux
 

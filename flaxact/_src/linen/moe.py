@@ -149,6 +149,13 @@ class MoE(LayerBase):
     shared_expert_gate: Qwen2-MoE's ``sigmoid(x @ w)`` gate on the shared
       expert.
     capacity_factor: ``None`` (dropless) or a positive number.
+    ep_capacity_factor: under expert parallelism, the per-peer row budget
+      of the token exchange: each device sends at most
+      ``ceil(ep_capacity_factor * T_local * k / ep)`` rows to each of the
+      ``ep`` expert devices, dropping the overflow in token order (recorded
+      as ``dropped_assignments`` and ``dropped_per_device``). ``None``:
+      dropless, with exchange buffers for the worst case (``ep`` times the
+      routed rows per device).
     impl: the experts' matmul: ``'loop'``, ``'tiles'`` or ``'ragged'``
       (grouped, fused under a custom VJP), or ``'dense'`` (plain
       ``dot_general`` per projection, what quantizers reach); all give the
@@ -207,6 +214,7 @@ class MoE(LayerBase):
   shared_hidden_features: int | None = None
   shared_expert_gate: bool = False
   capacity_factor: float | None = None
+  ep_capacity_factor: float | None = None
   impl: Impl | str = 'auto'
   tile_size: int = 128
   router_jitter_noise: float = 0.0
@@ -249,6 +257,7 @@ class MoE(LayerBase):
       num_groups=self.num_groups,
       groups_per_token=self.groups_per_token,
       capacity_factor=self.capacity_factor,
+      ep_capacity_factor=self.ep_capacity_factor,
       impl=self.impl,
       tile_size=self.tile_size,
     ).normalised()

@@ -117,6 +117,7 @@ def moe_ffn(
   activation: str | Callable[[Array], Array] = 'silu',
   gated_product: Callable[[Array, Array], Array] | None = None,
   capacity_factor: float | None = None,
+  ep_capacity_factor: float | None = None,
   impl: Impl | str = 'auto',
   tile_size: int = DEFAULT_TILE,
   precision: Any = None,
@@ -174,7 +175,15 @@ def moe_ffn(
       ``activation(gate) * up``.
     gated_product: ``(gate, up) -> hidden`` replacing it (e.g.
       :func:`gpt_oss_glu`).
-    capacity_factor: ``None`` (dropless) or a positive number.
+    capacity_factor: ``None`` (dropless) or a positive number; with a
+      mesh the same drops as one device (global token order).
+    ep_capacity_factor: with a mesh, each device sends at most
+      ``ceil(ep_capacity_factor * T_local * k / ep)`` rows to each of the
+      ``ep`` devices of ``expert_axis``, dropping the overflow in token
+      order (``aux.dropped``, ``aux.dropped_per_device``). ``None``:
+      dropless, at the cost of worst-case exchange buffers (``ep`` times
+      the routed rows per device, in memory and, where the backend has no
+      ``ragged_all_to_all`` (CPU), in bytes moved). Unused without a mesh.
     impl: ``'loop'``, ``'tiles'`` or ``'ragged'`` (grouped matmuls), or
       ``'dense'`` (every expert on every token, or on its capacity slots,
       one ``dot_general`` per projection, ``E / k`` times the FLOPs
@@ -211,11 +220,13 @@ def moe_ffn(
 
   Raises:
     ValueError: for ``k`` outside ``[1, E]``, an unknown router or impl,
-      groups not dividing the experts, ``capacity_factor <= 0``,
+      groups not dividing the experts, ``capacity_factor <= 0`` (or
+      ``ep_capacity_factor <= 0``), an indivisible expert-parallel split,
       mismatched shapes (a ``token_mask`` not of shape ``x.shape[:-1]``),
       ``router_jitter_noise`` outside ``[0, 1)`` or without ``key`` (or
       with ``router_logits``).
-    TypeError: for integer input or a ``token_mask`` that is not bool.
+    TypeError: for integer input, a ``token_mask`` that is not bool, or an
+      ``ep_capacity_factor`` that is not a number.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flaxact
@@ -249,9 +260,11 @@ def moe_ffn(
     num_groups=num_groups,
     groups_per_token=groups_per_token,
     capacity_factor=capacity_factor,
+    ep_capacity_factor=ep_capacity_factor,
     impl=impl,
     tile_size=tile_size,
   )
+  settings.check_ep_capacity()
   x = _as_input(x)
   kernels = tuple(jnp.asarray(a) for a in (gate_kernel, up_kernel, down_kernel))
   biases = tuple(
@@ -293,7 +306,7 @@ def moe_ffn(
     token_mask=None if mask is None else mask.reshape(-1),
   )
   cast = lambda a: None if a is None else a.astype(x.dtype)
-  y = routed_experts(
+  y, r = routed_experts(
     tokens,
     r,
     tuple(map(cast, kernels)),
@@ -306,6 +319,7 @@ def moe_ffn(
     mesh=mesh,
     expert_axis=expert_axis,
     lean=lean,
+    ep_capacity_factor=ep_capacity_factor,
   )
   return y.reshape(*lead, y.shape[-1]), r.aux(lead)
 
@@ -339,16 +353,19 @@ def routed_experts(
   mesh: jax.sharding.Mesh | None,
   expert_axis: str,
   lean: bool = True,
-) -> Array:
+  ep_capacity_factor: float | None = None,
+  tensor_axis: str | None = None,
+) -> tuple[Array, Routed]:
   """The weighted expert FFNs of ``(T, d)`` tokens routed as ``r``.
 
   ``kernels`` and ``biases`` are ``(gate, up, down)`` in the compute dtype;
   ``impl`` is resolved (not ``'auto'``) and ``lean`` says whether the
   grouped impls may run under their custom VJP (see
-  :func:`flaxact._src.moe.experts.api.transform_impl`).
+  :func:`flaxact._src.moe.experts.api.transform_impl`). Returns ``y`` and
+  ``r`` with the expert-parallel exchange's drops added (under a mesh).
   """
   if not tokens.shape[0]:  # no tokens: no output rows, zero gradients
-    return jnp.zeros((0, kernels[2].shape[-1]), tokens.dtype)
+    return jnp.zeros((0, kernels[2].shape[-1]), tokens.dtype), r
   if impl == 'dense':
     gate, up, down = (
       functools.partial(
@@ -360,10 +377,10 @@ def routed_experts(
       )
       for kernel, bias in zip(kernels, biases, strict=True)
     )
-    return r.dense_ffn(tokens, (gate, up, down), gated_product)
+    return r.dense_ffn(tokens, (gate, up, down), gated_product), r
   if mesh is None:
     assert r.layout is not None
-    return dispatch.experts_ffn(
+    y = dispatch.experts_ffn(
       tokens,
       r.kept_weights,
       r.layout,
@@ -374,17 +391,25 @@ def routed_experts(
       precision=precision,
       lean=lean,
     )
-  return expert_parallel_ffn(
+    return y, r
+  e = r.logits.shape[-1]
+  out = expert_parallel_ffn(
     tokens,
     r.kept_weights,
-    r.routed_experts,
+    jnp.where(r.dropped, e, r.routed_experts),  # over capacity: nowhere
     kernels,
     biases,
     mesh=mesh,
     expert_axis=expert_axis,
+    tensor_axis=tensor_axis,
+    ep_capacity_factor=ep_capacity_factor,
     impl=impl,
     gated_product=gated_product,
     precision=precision,
     tile_size=tile_size,
     lean=lean,
   )
+  r = r._replace(
+    dropped=r.dropped | out.dropped, dropped_per_device=out.dropped_per_device
+  )
+  return out.y, r

@@ -43,7 +43,9 @@ class MoEAux(NamedTuple):
     router_logits: ``(..., E)`` float32.
     weights: ``(..., k)`` float32 routing weights (before dropping).
     experts: ``(..., k)`` int32 chosen experts.
-    dropped: ``(..., k)`` bool, assignments over capacity.
+    dropped: ``(..., k)`` bool, assignments over capacity (an expert's
+      ``capacity_factor``, or under expert parallelism a peer's
+      ``ep_capacity_factor`` budget).
     expert_load: ``(E,)`` int32 real tokens routed to each expert (before
       dropping).
     dropped_tokens: ``()`` int32 number of dropped assignments (of real
@@ -53,6 +55,9 @@ class MoEAux(NamedTuple):
     sequence_balance_loss: float32 scalar, :func:`sequence_balance_loss`
       with the router's scores; the sequences are the last token axis
       (``(..., seq)``; a 1-D token shape is one sequence).
+    dropped_per_device: ``(S,)`` int32 assignments the expert-parallel
+      exchange dropped on each of the ``S`` devices holding tokens (over
+      ``ep_capacity_factor``), or ``None`` without expert parallelism.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -78,6 +83,7 @@ class MoEAux(NamedTuple):
   load_balancing_loss: Array
   router_z_loss: Array
   sequence_balance_loss: Array
+  dropped_per_device: Array | None = None
 
 
 def sequences(lead: tuple[int, ...]) -> tuple[int, int]:
@@ -103,6 +109,8 @@ class Routed(NamedTuple):
     capacity: assignments kept per expert, or ``None`` (dropless).
     mask: ``(T,)`` bool token mask (``True``: a real token), or ``None``.
     router: the router's name (for the sequence-wise loss).
+    dropped_per_device: ``(S,)`` exchange drops per token shard, or
+      ``None``.
   """
 
   logits: Array
@@ -113,6 +121,7 @@ class Routed(NamedTuple):
   capacity: int | None = None
   mask: Array | None = None
   router: str = 'softmax'
+  dropped_per_device: Array | None = None
 
   @property
   def routed_experts(self) -> Array:
@@ -172,6 +181,7 @@ class Routed(NamedTuple):
       ),
       router_z_loss=router_z_loss(self.logits, token_mask=m),
       sequence_balance_loss=seq,
+      dropped_per_device=self.dropped_per_device,
     )
 
 
@@ -199,10 +209,9 @@ def route(
     token_mask: ``(T,)`` bool (``True``: a real token) or ``None``.
 
   Returns:
-    The :class:`Routed`.
-
-  Raises:
-    ValueError: ``capacity_factor`` with a mesh (grouped impls).
+    The :class:`Routed`. Under a mesh the layout is left to the devices;
+    with ``capacity_factor`` the drops are those of one device (each
+    expert keeps its first ``capacity`` assignments in global token order).
   """
   weights, experts = settings.top_k(logits, score_correction_bias)
   t, k = experts.shape
@@ -214,21 +223,17 @@ def route(
   )
   if t == 0:  # no tokens: nothing to lay out (the caller returns zeros)
     return done(none, None)
-  if mesh is not None and impl != 'dense':
-    if capacity is not None:
-      raise ValueError(
-        'moe_ffn: capacity_factor with expert parallelism (mesh=...) is not'
-        f' supported; got capacity_factor={settings.capacity_factor}. Use the'
-        ' dropless default (capacity_factor=None) with a mesh.'
-      )
-    return done(none, None)
   routed = route_experts(experts, token_mask, e)  # masked: expert E
-  if impl == 'dense':
+  if impl == 'dense' or (mesh is not None and capacity is not None):
+    # The same drops as one device, in global token order (under a mesh
+    # jit computes the ranks across the token shards).
     dropped = none
     if capacity is not None:
       rank = dense.expert_rank(routed.reshape(-1), e)  # E: rank -1
       dropped = (rank >= capacity).reshape(t, k)
     return done(dropped, None, capacity)
+  if mesh is not None:
+    return done(none, None)
   tile = 1 if impl == 'ragged' else int(settings.tile_size)
   layout = dispatch.make_layout(routed, e, tile, capacity)
   dropped = layout.dropped  # the sentinel E counts as dropped there

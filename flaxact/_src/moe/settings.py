@@ -27,6 +27,7 @@ import jax
 
 from flaxact._src.common.checks import check_positive_int, normalise_choice
 from flaxact._src.moe import routers
+from flaxact._src.moe.experts import exchange
 from flaxact._src.moe.experts.api import (
   DEFAULT_TILE,
   Impl,
@@ -89,6 +90,9 @@ class RoutingSettings:
     num_groups: sigmoid router: experts form this many equal groups.
     groups_per_token: sigmoid router: groups kept per token.
     capacity_factor: ``None`` (dropless) or a positive number.
+    ep_capacity_factor: ``None`` (dropless) or a positive number: the
+      per-peer row budget of the expert-parallel exchange
+      (:func:`flaxact._src.moe.experts.exchange.peer_budget`).
     impl: the experts' matmul (see :mod:`flaxact._src.moe.experts.api`).
     tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
   """
@@ -100,6 +104,7 @@ class RoutingSettings:
   num_groups: int | None = None
   groups_per_token: int | None = None
   capacity_factor: float | None = None
+  ep_capacity_factor: float | None = None
   impl: Impl | str = 'auto'
   tile_size: int = DEFAULT_TILE
 
@@ -135,7 +140,20 @@ class RoutingSettings:
       capacity_of(self.capacity_factor, 1, 1, 1)
     except (TypeError, ValueError) as err:
       raise type(err)(f'{owner}: {err}') from None
+    checked.check_ep_capacity(owner)
     return dataclasses.replace(checked, experts_per_token=k)
+
+  def check_ep_capacity(self, owner: str = 'moe_ffn') -> None:
+    """Validates ``ep_capacity_factor``.
+
+    Raises:
+      TypeError: for a value that is not a number or ``None``.
+      ValueError: for a value that is not positive.
+    """
+    try:
+      exchange.check_ep_capacity_factor(self.ep_capacity_factor)
+    except (TypeError, ValueError) as err:
+      raise type(err)(f'{owner}: {err}') from None
 
   def normalised(self) -> RoutingSettings:
     """These settings with the router and impl names normalised.

@@ -147,6 +147,13 @@ class MoE(LayerBase):
     shared_expert_gate: Qwen2-MoE's ``sigmoid(x @ w)`` gate on the shared
       expert.
     capacity_factor: ``None`` (dropless) or a positive number.
+    ep_capacity_factor: under expert parallelism, the per-peer row budget
+      of the token exchange: each device sends at most
+      ``ceil(ep_capacity_factor * T_local * k / ep)`` rows to each of the
+      ``ep`` expert devices, dropping the overflow in token order (recorded
+      as ``dropped_assignments`` and ``dropped_per_device``). ``None``:
+      dropless, with exchange buffers for the worst case (``ep`` times the
+      routed rows per device).
     use_bias: biases on the expert projections (GPT-OSS).
     out_features: the output width; ``None`` uses ``in_features``.
     dtype: the compute dtype; ``None`` uses the input's.
@@ -216,6 +223,7 @@ class MoE(LayerBase):
   num_groups = moe_body.RoutingField['int | None']()
   groups_per_token = moe_body.RoutingField['int | None']()
   capacity_factor = moe_body.RoutingField['float | None']()
+  ep_capacity_factor = moe_body.RoutingField['float | None']()
   impl = moe_body.RoutingField[str]()
   tile_size = moe_body.RoutingField[int]()
 
@@ -237,6 +245,7 @@ class MoE(LayerBase):
     shared_hidden_features: int | None = None,
     shared_expert_gate: bool = False,
     capacity_factor: float | None = None,
+    ep_capacity_factor: float | None = None,
     use_bias: bool = False,
     out_features: int | None = None,
     dtype: Dtype | None = None,
@@ -271,6 +280,7 @@ class MoE(LayerBase):
       num_groups=num_groups,
       groups_per_token=groups_per_token,
       capacity_factor=capacity_factor,
+      ep_capacity_factor=ep_capacity_factor,
       impl=impl,
       tile_size=tile_size,
     )

@@ -197,6 +197,9 @@ def ffn_backward(ops, prod: Product, x, w, g, u, kernels, biases, dout):
   wg, wu, wd = kernels
   bg, bu, bd = biases
   num_experts = wg.shape[0]
+  extra = varying(g) - varying(w)
+  if extra:  # tensor-parallel experts: w's cotangent summed once, by caller
+    w = jax.lax.pcast(w, tuple(sorted(extra)), to='varying')
   hw, pull = jax.vjp(lambda g, u, w: _weighted(prod, g, u, w), g, u, w)
   dh = ops.mm_t(dout, wd)
   d_wd = ops.wgrad(hw, dout)
