@@ -33,6 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flaxact._src.moe.experts import fused_loop
 from flaxact._src.moe.experts import grouped as gm
 from flaxact._src.moe.experts.grouped import take
+from flaxact._src.moe.experts.quantized import QuantizedKernel
 
 Array = jax.Array
 
@@ -189,6 +190,10 @@ def _experts_bwd(impl, prod, precision, res, dy):
     )
     dx = combine(dxr, layout.assign_row).astype(x.dtype)
     dw = take(dwr, layout.assign_row.reshape(-1)).reshape(w.shape)
+  dk = tuple(
+    q.zero_cotangent() if isinstance(q, QuantizedKernel) else d
+    for d, q in zip(dk, kernels, strict=True)
+  )
   dk = jax.tree.map(_sum_to_vma, dk, kernels)
   db = jax.tree.map(_sum_to_vma, db, biases)
   return _sum_to_vma(dx, x), _sum_to_vma(dw.astype(w.dtype), w), None, dk, db
@@ -200,6 +205,8 @@ def _sum_to_vma(ct, primal):
   Inside ``shard_map`` a kernel replicated over ``'data'`` gets one partial
   gradient per data shard; they add up (what shard_map's own transpose does).
   """
+  if ct.dtype == jax.dtypes.float0:  # a quantized kernel's int values
+    return ct
   extra = gm.varying(ct) - gm.varying(primal)
   return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
@@ -224,11 +231,14 @@ def experts_ffn(
   Args:
     x: ``(T, d)`` tokens.
     weights: ``(T, k)`` routing weights (zero where dropped is fine).
-    layout: from :func:`make_layout` with ``tile=1`` for ``'ragged'``.
+    layout: from :func:`make_layout` with ``tile=1`` for ``'ragged'`` and
+      ``'tokamax'``.
     kernels: gate ``(E, d, h)``, up ``(E, d, h)``, down ``(E, h, d_out)``,
-      in the dtype of ``x``.
+      in the dtype of ``x``, or a
+      :class:`~flaxact._src.moe.experts.quantized.QuantizedKernel` each
+      (int8 values and scales; no gradient reaches them).
     biases: ``(E, h)``, ``(E, h)``, ``(E, d_out)`` or ``None`` each.
-    impl: ``'loop'``, ``'tiles'`` or ``'ragged'``.
+    impl: ``'loop'``, ``'tiles'``, ``'ragged'`` or ``'tokamax'``.
     gated_product: ``(gate, up) -> hidden``, element-wise.
     precision: matmul precision.
     lean: run under the custom VJP (the lean backward); ``False``: plain

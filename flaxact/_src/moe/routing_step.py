@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from flaxact._src.moe import dispatch
 from flaxact._src.moe.experts import dense
+from flaxact._src.moe.experts.grouped import RAGGED_IMPLS
 from flaxact._src.moe.experts.api import (
   GroupedImplUnderQuantizerWarning as GroupedImplUnderQuantizerWarning,
 )
@@ -162,6 +163,6 @@ def route(
       rank = dense.expert_rank(experts.reshape(-1), e)
       dropped = (rank >= capacity).reshape(t, k)
     return Routed(logits, weights, experts, dropped, None, capacity)
-  tile = 1 if impl == 'ragged' else int(settings.tile_size)
+  tile = 1 if impl in RAGGED_IMPLS else int(settings.tile_size)
   layout = dispatch.make_layout(experts, e, tile, capacity)
   return Routed(logits, weights, experts, layout.dropped, layout, capacity)

@@ -9,6 +9,9 @@ FFN, so every impl runs the same arithmetic in the same order:
   ``ragged_dot_general`` for the weight gradients). The portable grouped
   matmul, lowered to fast grouped kernels on GPU and TPU; on CPU XLA
   computes it as one masked dense matmul per expert (``E`` times the FLOPs).
+- ``'tokamax'``: the same on the unpadded sorted rows, through
+  ``tokamax.ragged_dot`` / ``ragged_dot_general`` (an optional dependency:
+  Pallas grouped-GEMM kernels on GPU and TPU, its XLA path elsewhere).
 - ``'tiles'``: each expert's rows padded to a multiple of ``tile`` rows; one
   batched matmul over the tiles with each tile's expert kernel gathered.
   One big op per matmul; the gathered kernels cost memory traffic.
@@ -21,6 +24,12 @@ FFN, so every impl runs the same arithmetic in the same order:
 
 The backward pass keeps the gate and up pre-activations only and recomputes
 the weighted hidden activation from them.
+
+A kernel may be a :class:`~flaxact._src.moe.experts.quantized.QuantizedKernel`
+(int8 values and per-expert, per-channel scales, a Qwix PTQ model's): each
+operation dequantizes the expert kernels it reads (one expert's in
+``'loop'``, the tiles' gathered int8 in ``'tiles'``); the ragged impls
+dequantize the stacked kernel for the call. Its cotangent is zero.
 """
 
 from __future__ import annotations
@@ -32,7 +41,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flaxact._src.moe.experts.quantized import dense_weight, expert_weight
+
 Array = jax.Array
+#: The impls on unpadded rows (``tile=1`` layouts).
+RAGGED_IMPLS = ('ragged', 'tokamax')
 Product = Callable[[Array, Array], Array]
 
 
@@ -45,6 +58,14 @@ def _dot(a, b, precision, contract=((1,), (0,)), batch=((), ())):
   return jax.lax.dot_general(a, b, (contract, batch), precision=precision)
 
 
+#: ``(rows, in) x (rows, out) -> (E, in, out)``, rows ragged by expert.
+WGRAD_DIMS = jax.lax.RaggedDotDimensionNumbers(
+  dot_dimension_numbers=(((0,), (0,)), ((), ())),
+  lhs_ragged_dimensions=[0],
+  rhs_group_dimensions=[],
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class RaggedOps:
   """Grouped operations on unpadded sorted rows (``lax.ragged_dot``)."""
@@ -54,19 +75,16 @@ class RaggedOps:
   precision: Any
 
   def mm(self, a, w):
-    return jax.lax.ragged_dot(a, w, self.sizes, precision=self.precision)
+    return jax.lax.ragged_dot(
+      a, dense_weight(w), self.sizes, precision=self.precision
+    )
 
   def mm_t(self, a, w):
-    return self.mm(a, jnp.swapaxes(w, 1, 2))
+    return self.mm(a, jnp.swapaxes(dense_weight(w), 1, 2))
 
   def wgrad(self, a, b):
-    dims = jax.lax.RaggedDotDimensionNumbers(
-      dot_dimension_numbers=(((0,), (0,)), ((), ())),
-      lhs_ragged_dimensions=[0],
-      rhs_group_dimensions=[],
-    )
     return jax.lax.ragged_dot_general(
-      a, b, self.sizes, dims, precision=self.precision
+      a, b, self.sizes, WGRAD_DIMS, precision=self.precision
     )
 
   def bias(self, b):
@@ -78,6 +96,31 @@ class RaggedOps:
     return jax.ops.segment_sum(
       db, self.row_expert, num_experts, indices_are_sorted=True
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokamaxOps(RaggedOps):
+  """:class:`RaggedOps` through ``tokamax.ragged_dot(_general)``."""
+
+  def mm(self, a, w):
+    import tokamax  # noqa: PLC0415  (optional; checked by resolve_impl)
+
+    return tokamax.ragged_dot(
+      a, dense_weight(w), self.sizes, precision=self.precision
+    )
+
+  def wgrad(self, a, b):
+    import tokamax  # noqa: PLC0415
+
+    return tokamax.ragged_dot_general(
+      a, b, self.sizes, WGRAD_DIMS, precision=self.precision
+    )
+
+
+def ragged_ops(impl, layout, precision) -> RaggedOps:
+  """The unpadded-rows operations of ``'ragged'`` or ``'tokamax'``."""
+  cls = TokamaxOps if impl == 'tokamax' else RaggedOps
+  return cls(layout.sizes, layout.row_expert, precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +164,7 @@ class DenseOps:
   precision: Any
 
   def _w(self, w):
-    return jax.lax.dynamic_index_in_dim(w, self.expert, keepdims=False)
+    return expert_weight(w, self.expert)
 
   def mm(self, a, w):
     return _dot(a, self._w(w), self.precision)
@@ -228,9 +271,9 @@ def fori_used(layout, num_tiles: int, body, init):
 
 
 def grouped_forward(impl, prod, layout, x, w, kernels, biases, precision):
-  """``(out, gate, up)`` over all rows: ``'ragged'`` or ``'tiles'``."""
-  if impl == 'ragged':
-    ops = RaggedOps(layout.sizes, layout.row_expert, precision)
+  """``(out, gate, up)`` over all rows: the ragged impls or ``'tiles'``."""
+  if impl in RAGGED_IMPLS:
+    ops = ragged_ops(impl, layout, precision)
     return ffn_forward(ops, prod, x, w, kernels, biases)
   ops = TileOps(layout.tile_expert, kernels[0].shape[0], precision)
   t = layout.tile
@@ -239,10 +282,10 @@ def grouped_forward(impl, prod, layout, x, w, kernels, biases, precision):
 
 
 def grouped_backward(impl, prod, layout, res, kernels, biases, dout, precision):
-  """``(dx, dw, dkernels, dbiases)`` over all rows: ``'ragged'``/``'tiles'``."""
+  """``(dx, dw, dkernels, dbiases)`` over all rows (not ``'loop'``)."""
   x, w, g, u = res
-  if impl == 'ragged':
-    ops = RaggedOps(layout.sizes, layout.row_expert, precision)
+  if impl in RAGGED_IMPLS:
+    ops = ragged_ops(impl, layout, precision)
     return ffn_backward(ops, prod, x, w, g, u, kernels, biases, dout)
   ops = TileOps(layout.tile_expert, kernels[0].shape[0], precision)
   t = layout.tile

@@ -151,7 +151,7 @@ def expert_parallel_ffn(
   others = [a for a in mesh.axis_names if a != expert_axis]
   tokens = P((*others, expert_axis))  # tokens split over every mesh axis
   shard = lambda a: None if a is None else P(expert_axis)
-  tile = 1 if impl == 'ragged' else int(tile_size)
+  tile = 1 if impl in gm.RAGGED_IMPLS else int(tile_size)
 
   def body(x, w, ex, kernels, biases):
     return _local(
