@@ -185,7 +185,15 @@ def test_ptq_int8_quantizes_the_expert_kernels(variant):
       # one scale per expert and output channel
       assert kernel.scale.shape == (E, 1, out)
   y, y_hand, y_float = _call([*models, hand], [*variables, v], x)
-  chex.assert_trees_all_equal(y, y_hand)
+  # Served by the grouped impl (int8 kernels dequantized per expert): the
+  # hand-written dense formulation's value up to float32 summation order.
+  chex.assert_trees_all_close(y, y_hand, **F32)
+  dense = qwix.quantize_model(
+    fl.MoE(H, E, K, **mh.VARIANTS[variant], impl='dense'),
+    qwix.PtqProvider(qh.PTQ_RULES),
+  )
+  (y_dense,) = _call([dense], variables[:1], x)
+  chex.assert_trees_all_equal(y_dense, y_hand)
   assert 0 < qh.float_error(y, y_float) < 0.05
 
 
@@ -298,18 +306,16 @@ def _ptq(layer, v, x):
   return q, {'params': qwix.quantize_params(v['params'], abstract['params'])}
 
 
-def test_quantized_kernels_reaching_a_grouped_impl_are_an_error():
+def test_quantized_kernels_are_served_by_an_explicit_grouped_impl():
   x = _x()
   v = _params()
-  _, qparams = _ptq(fl.MoE(H, E, K), v, x)  # quantized with impl='auto'
-  with mh.warns_grouped():
+  auto, qparams = _ptq(fl.MoE(H, E, K), v, x)  # quantized with impl='auto'
+  with mh.warns_grouped():  # its own float init warns
     loop, _ = _ptq(fl.MoE(H, E, K, impl='loop'), v, x)
-  with (
-    pytest.raises(TypeError, match='gate_proj kernel is a WithAux'),
-    warnings.catch_warnings(),
-  ):
-    warnings.simplefilter('ignore', GroupedImplUnderQuantizerWarning)
-    jax.eval_shape(loop.apply, qparams, x)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', GroupedImplUnderQuantizerWarning)
+    y = jax.jit(loop.apply)(qparams, x)
+  chex.assert_trees_all_close(y, jax.jit(auto.apply)(qparams, x), **F32)
 
 
 def test_ptq_of_an_explicit_grouped_impl_warns_and_leaves_experts_float():

@@ -30,8 +30,8 @@ from flaxact._src.moe import routers
 from flaxact._src.moe.experts.api import (
   DEFAULT_TILE,
   Impl,
+  check_explicit_impl,
   check_impl,
-  resolve_impl,
 )
 
 Array = jax.Array
@@ -127,7 +127,7 @@ class RoutingSettings:
     try:
       checked = self.normalised()
       if checked.impl != 'auto':
-        resolve_impl(checked.impl, hooked=hooked)
+        check_explicit_impl(checked.impl, hooked=hooked)
     except ValueError as err:
       raise ValueError(f'{owner}: {err}') from None
     self._check_groups(owner, checked.router, num_experts, k)

@@ -16,6 +16,7 @@ Examples:
 from __future__ import annotations
 
 import importlib.util
+import sys
 import typing
 import warnings
 from typing import Any, Literal
@@ -46,6 +47,8 @@ class GroupedImplUnderQuantizerWarning(UserWarning):
 
 def tokamax_available() -> bool:
   """Whether the optional ``tokamax`` package can be imported."""
+  if 'tokamax' in sys.modules:  # imported, or blocked with None
+    return sys.modules['tokamax'] is not None
   return importlib.util.find_spec('tokamax') is not None
 
 
@@ -66,6 +69,23 @@ def check_impl(impl: str) -> str:
     ValueError: for an unknown impl; the message lists the valid ones.
   """
   return normalise_choice(impl, IMPLS, 'impl', 'impls')
+
+
+def check_explicit_impl(impl: str, *, hooked: bool) -> None:
+  """Checks an explicit (not ``'auto'``) impl against its environment.
+
+  Raises:
+    ValueError: a grouped impl with ``hooked``.
+    ImportError: ``'tokamax'`` without the ``tokamax`` package.
+  """
+  if impl == 'tokamax':
+    require_tokamax()
+  if hooked and impl != 'dense':
+    raise ValueError(
+      f"impl={impl!r} runs the experts in flaxact's grouped matmul, which a"
+      " dot_general hook cannot reach; use impl='auto' or 'dense' with"
+      ' dot_general/dot_general_cls.'
+    )
 
 
 def resolve_impl(
@@ -118,14 +138,7 @@ def resolve_impl(
     if jax.default_backend() == 'cpu':
       return 'loop'
     return 'tokamax' if tokamax_available() else 'ragged'
-  if impl == 'tokamax':
-    require_tokamax()
-  if hooked and impl != 'dense':
-    raise ValueError(
-      f"impl={impl!r} runs the experts in flaxact's grouped matmul, which a"
-      " dot_general hook cannot reach; use impl='auto' or 'dense' with"
-      ' dot_general/dot_general_cls.'
-    )
+  check_explicit_impl(impl, hooked=hooked)
   if impl != 'dense' and not quantized and dot_general_intercepted():
     warnings.warn(
       f'MoE: impl={impl!r} while jax.lax.dot_general is intercepted (Qwix):'
