@@ -80,7 +80,11 @@ def _args(argv=None):
   p.add_argument(
     '--shapes', default='coarse,fine', help="'' skips the impl rows"
   )
-  p.add_argument('--impls', default='loop,tiles')
+  p.add_argument(
+    '--impls',
+    default='loop,tiles',
+    help="comma list, or 'all' (every impl here; prints a recommendation)",
+  )
   p.add_argument('--tile-size', type=int, default=None)
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--quick', action='store_true', help='small shapes, 2 rounds')
@@ -241,7 +245,7 @@ def jax_cases(shape, a):
     'floor': (grad(floor, 4), (xb, wg, wu, wd)),
     'routing': (grad(routing, 2), (x, rk)),
   }
-  for impl in a.impls.split(','):
+  for impl in impl_names(a.impls):
     kw = {} if a.tile_size is None else {'tile_size': a.tile_size}
 
     def moe(x, rk, g, u, dn, impl=impl, kw=kw):
@@ -439,6 +443,37 @@ def _torch_results(a):
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def impl_names(spec: str) -> list[str]:
+  """``--impls``: a comma list, or ``'all'`` (``'tokamax'`` if installed)."""
+  if spec != 'all':
+    return spec.split(',')
+  from flaxact._src.moe.experts import api
+
+  if api.tokamax_available():
+    from absl import flags  # tokamax parses sys.argv (ours) unless parsed
+
+    flags.FLAGS.mark_as_parsed()
+  skip = {'auto'} | (set() if api.tokamax_available() else {'tokamax'})
+  return [impl for impl in api.IMPLS if impl not in skip]
+
+
+def recommendation(results, impls) -> str:
+  """One line: the impl with the lowest median on this device, per shape."""
+  import jax
+
+  from flaxact._src.moe.experts.api import resolve_impl
+
+  best = {
+    name: min(impls, key=lambda i, rows=rows: rows[i][0])
+    for name, rows in results['shapes'].items()
+  }
+  picks = ', '.join(f'{name}: {impl!r}' for name, impl in best.items())
+  return (
+    f'recommended impl on {jax.default_backend()} ({jax.devices()[0].device_kind}):'
+    f" {picks} (fastest median); impl='auto' picks {resolve_impl('auto')!r}"
+  )
+
+
 def _print_impls(results, torch_res, a):
   import jax
 
@@ -508,6 +543,8 @@ def main(argv=None):
   torch_res = _torch_results(a)
   if a.shape_names:
     _print_impls(results, torch_res, a)
+    if a.impls == 'all':
+      print(recommendation(results, impl_names(a.impls)))
   if not a.no_layer:
     _print_layer(results['layer'], a.repeats)
   results['torch'] = torch_res
