@@ -25,6 +25,11 @@ from flax.core import spmd
 from flaxact._src.common.checks import check_positive_int
 from flaxact._src.layers import ffn_body
 from flaxact._src.moe import api, routing_step
+from flaxact._src.common.interception import (
+  dot_general_intercepted,
+  without_qwix_interception,
+)
+from flaxact._src.moe.experts import fake_quant
 from flaxact._src.moe.experts import quantized as quantized_kernels
 from flaxact._src.moe.experts.api import resolve_impl, transform_impl
 from flaxact._src.moe.settings import RoutingSettings
@@ -149,6 +154,10 @@ class Experts(Protocol):
     """``(kernel, bias)`` promoted to ``dtype`` (``bias`` may be ``None``)."""
     ...
 
+  def quantization_rule(self) -> Any:
+    """The Qwix rule matching the projection now, or ``None``."""
+    ...
+
   def __call__(
     self, x: Array, *, dtype: Any, bias_scale: Array | None = None
   ) -> Array:
@@ -175,7 +184,12 @@ def routed(
   kernel; otherwise the promoted kernels go to :func:`api.routed_experts`'
   grouped matmul. Quantized kernels (a Qwix PTQ model's int8 values and
   per-expert, per-channel scales) go to the grouped matmul too under
-  ``'auto'`` (one device), which dequantizes one expert's kernel at a time.
+  ``'auto'`` (one device), which dequantizes one expert's kernel at a time;
+  so do float kernels under Qwix QAT rules with default options (each
+  projection's rule read with ``qwix.pallas.get_current_rule``), quantized
+  as Qwix quantizes ``'dense'``
+  (:mod:`flaxact._src.moe.experts.fake_quant`). The grouped matmuls then
+  run with Qwix's interception off.
 
   Args:
     x: ``(..., in)`` in the compute dtype.
@@ -200,9 +214,14 @@ def routed(
   weights = [p.weights(x.dtype) for p in experts]
   mesh, axis = expert_mesh()
   quantized = any(quantized_kernels.is_quantized(w) for w, _ in weights)
-  impl = resolve_impl(
-    routing.impl, hooked=hooked, quantized=quantized and mesh is None
-  )
+  qat = None  # Qwix QAT settings the grouped impls can follow
+  if (
+    not (quantized or hooked or mesh is not None) and dot_general_intercepted()
+  ):
+    qat = fake_quant.qat_configs([p.quantization_rule() for p in experts])
+  # The grouped impls quantize by themselves: PTQ kernels, QAT settings.
+  own = (quantized or qat is not None) and mesh is None
+  impl = resolve_impl(routing.impl, hooked=hooked, quantized=own)
   kernels = biases = None
   lean = True
   if impl != 'dense':
@@ -210,6 +229,10 @@ def routed(
     impl, lean = transform_impl(
       impl, x, logits, score_correction_bias, kernels, biases
     )
+    if qat is not None:
+      # forward-mode autodiff (no custom VJP) differentiates Qwix's own
+      impl = impl if lean else 'dense'
+      product = fake_quant.QatProduct(product, qat)
   lead, e = x.shape[:-1], logits.shape[-1]
   tokens = x.reshape(-1, x.shape[-1])
   if impl == 'dense':
@@ -225,7 +248,10 @@ def routed(
     projections = tuple(functools.partial(p, dtype=x.dtype) for p in experts)
     y = r.dense_ffn(tokens, projections, product)
   else:
-    y = api.routed_experts(
+    run = api.routed_experts
+    if own:  # no Qwix rule may quantize the grouped matmuls again
+      run = without_qwix_interception(run)
+    y = run(
       tokens,
       r,
       kernels,

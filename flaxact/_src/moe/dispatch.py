@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import core as jax_core
 from jax.ad_checkpoint import checkpoint_name
 
-from flaxact._src.moe.experts import fused_loop
+from flaxact._src.moe.experts import fake_quant, fused_loop
 from flaxact._src.moe.experts import grouped as gm
 from flaxact._src.moe.experts.grouped import take
 from flaxact._src.moe.experts.quantized import QuantizedKernel
@@ -157,16 +157,19 @@ def _experts(impl, prod, precision, x, w, layout, kernels, biases):
 
 def _experts_fwd(impl, prod, precision, x, w, layout, kernels, biases):
   k = layout.assign_row.shape[1]
+  # Under QAT the forward pass runs on quantized kernels; the residuals
+  # keep the original ones for the backward pass (Qwix's default).
+  fwd_kernels = fake_quant.forward_kernels(prod, kernels)
   if impl == 'loop':
     y, g, u = fused_loop.forward(
-      prod, layout, k, x, w.reshape(-1), kernels, biases, precision
+      prod, layout, k, x, w.reshape(-1), fwd_kernels, biases, precision
     )
     g, u = checkpoint_name(g, GATE), checkpoint_name(u, UP)
     return y, (x, w, layout, g, u, kernels, biases)
   xr = take(x, layout.row_assign // k)
   wr = take(w.reshape(-1), layout.row_assign)
   out, g, u = gm.grouped_forward(
-    impl, prod, layout, xr, wr, kernels, biases, precision
+    impl, prod, layout, xr, wr, fwd_kernels, biases, precision
   )
   g, u = checkpoint_name(g, GATE), checkpoint_name(u, UP)
   y = combine(out, layout.assign_row)

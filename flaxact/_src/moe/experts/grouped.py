@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flaxact._src.moe.experts import fake_quant
 from flaxact._src.moe.experts.quantized import dense_weight, expert_weight
 
 Array = jax.Array
@@ -193,16 +194,20 @@ def ffn_forward(ops, prod: Product, x, w, kernels, biases):
   ``out = (prod(gate, up) * w) @ down (+ w * down_bias)`` with ``gate`` and
   ``up`` the grouped projections of ``x``; the routing weight ``w`` of each
   row is applied to the hidden activation, so the combine is a plain sum.
+  Under QAT (``prod`` a ``fake_quant.QatProduct``) each matmul's rows are
+  quantized per row first; the backward pass uses the original rows
+  (Qwix's default residuals).
   """
   wg, wu, wd = kernels
   bg, bu, bd = biases
-  g = ops.mm(x, wg)
-  u = ops.mm(x, wu)
+  qg, qu, qd = fake_quant.act_quantizers(prod)  # identity but under QAT
+  g = ops.mm(qg(x), wg)
+  u = ops.mm(qu(x), wu)
   if bg is not None:
     g = g + ops.bias(bg)
   if bu is not None:
     u = u + ops.bias(bu)
-  out = ops.mm(_weighted(prod, g, u, w), wd)
+  out = ops.mm(qd(_weighted(prod, g, u, w)), wd)
   if bd is not None:
     out = out + w[..., None].astype(out.dtype) * ops.bias(bd)
   return out, g, u
