@@ -114,15 +114,20 @@ def test_float_baseline_is_the_same_moe():
 
 
 @pytest.mark.parametrize('variant', list(mh.VARIANTS))
-def test_qat_int8_forward_and_grads(variant):
+@pytest.mark.parametrize('impl', ['dense', 'auto'])
+def test_qat_int8_forward_and_grads(variant, impl):
   layer, hand = _pair(variant)
+  layer = layer.clone(impl=impl)  # 'auto': grouped, quantized as Qwix would
   v, x = _params(variant), _x()
   q, q_hand = (
     qwix.quantize_model(m, qwix.QtProvider(qh.QAT_RULES)) for m in (layer, hand)
   )
   (y, g), (y_hand, g_hand), y_float = _run([q, q_hand], [v, v], x, hand)
-  chex.assert_trees_all_equal(y, y_hand)
   assert 0 < qh.float_error(y, y_float) < 0.05  # it did quantize
+  if impl == 'auto':
+    mh.assert_qat_within_rounding(y, y_hand, y_float, g, g_hand)
+    return
+  chex.assert_trees_all_equal(y, y_hand)
   chex.assert_trees_all_close(g, g_hand, **GRAD_TOL)
   for name in EXPERTS:
     assert np.any(np.asarray(g['params'][name]['kernel']) != 0), name

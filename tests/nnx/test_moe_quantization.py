@@ -132,14 +132,19 @@ def test_float_baseline_is_the_same_moe():
   chex.assert_trees_all_equal(*_call([dense, hand], _x()))
 
 
+@pytest.mark.parametrize('impl', ['dense', 'auto'])
 @pytest.mark.parametrize('variant', list(mh.VARIANTS))
-def test_qat_int8_forward_and_grads(variant):
+def test_qat_int8_forward_and_grads(variant, impl):
   layer, hand = _pair(variant)
+  layer.impl = impl  # 'auto': the grouped impl, quantized as Qwix would
   x = _x()
   q, q_hand = _quantize([layer, hand], qwix.QtProvider(qh.QAT_RULES), x)
   (y, g), (y_hand, g_hand), y_float = _run([q, q_hand], x, hand)
-  chex.assert_trees_all_equal(y, y_hand)
   assert 0 < qh.float_error(y, y_float) < 0.05  # it did quantize
+  if impl == 'auto':
+    mh.assert_qat_within_rounding(y, y_hand, y_float, _flat(g), _flat(g_hand))
+    return
+  chex.assert_trees_all_equal(y, y_hand)
   g = _assert_same_grads(g, g_hand)
   for name in EXPERTS:
     assert np.any(np.asarray(g[f'{name}/kernel']) != 0), name

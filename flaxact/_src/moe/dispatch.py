@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import core as jax_core
 from jax.ad_checkpoint import checkpoint_name
 
+from flaxact._src.common.interception import without_qwix_interception
 from flaxact._src.moe.experts import fake_quant, fused_loop
 from flaxact._src.moe.experts import grouped as gm
 from flaxact._src.moe.experts.grouped import take
@@ -155,6 +156,31 @@ def _experts(impl, prod, precision, x, w, layout, kernels, biases):
   return _experts_fwd(impl, prod, precision, x, w, layout, kernels, biases)[0]
 
 
+def _quantizes_itself(prod, kernels) -> bool:
+  """QAT settings or PTQ kernels: the matmuls quantize by themselves."""
+  return isinstance(prod, fake_quant.QatProduct) or any(
+    isinstance(k, QuantizedKernel) for k in kernels
+  )
+
+
+def _own(fn):
+  """``fn`` with Qwix's interception off when it quantizes by itself.
+
+  The custom VJP's rules may be traced after the layer's call has left its
+  own no-interception scope (under ``jax.grad`` with remat), so each rule
+  turns it off again.
+  """
+
+  @functools.wraps(fn)
+  def run(impl, prod, precision, *args):
+    kernels = args[3] if fn is _experts_fwd else args[0][5]
+    if _quantizes_itself(prod, kernels):
+      return without_qwix_interception(fn)(impl, prod, precision, *args)
+    return fn(impl, prod, precision, *args)
+
+  return run
+
+
 def _experts_fwd(impl, prod, precision, x, w, layout, kernels, biases):
   k = layout.assign_row.shape[1]
   # Under QAT the forward pass runs on quantized kernels; the residuals
@@ -214,7 +240,7 @@ def _sum_to_vma(ct, primal):
   return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
-_experts.defvjp(_experts_fwd, _experts_bwd)
+_experts.defvjp(_own(_experts_fwd), _own(_experts_bwd))
 
 
 def experts_ffn(
