@@ -24,6 +24,7 @@ from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2.flax import aqt_flax
 
 from flaxact import linen as fl
+from flaxact._src.moe import dispatch
 from flaxact._src.moe.routing_step import GroupedImplUnderQuantizerWarning
 from tests import moe_quantization_helpers as mh
 from tests import quantization_helpers as qh
@@ -285,15 +286,21 @@ def test_aqt_functional_dot_general_equals_baseline_and_trains():
     assert np.isfinite(kernel_grad).all() and np.any(kernel_grad != 0)
 
 
-def test_qat_keeps_two_expert_hidden_sized_residuals():
-  layer = qwix.quantize_model(fl.MoE(H, E, K), qwix.QtProvider(qh.QAT_RULES))
+@pytest.mark.parametrize('impl', ['dense', 'auto'])
+def test_qat_keeps_two_expert_hidden_sized_residuals(impl):
+  moe = fl.MoE(H, E, K, impl=impl)
+  layer = qwix.quantize_model(moe, qwix.QtProvider(qh.QAT_RULES))
   x = _x()
   v = _params()
 
   def loss(v, x):
     return jnp.sum(layer.apply(v, x))
 
-  hidden = residuals_of_shape(loss, (v, x), (E, x.size // D, H))
+  t = x.size // D
+  # 'dense': (E, T, H); 'auto': the grouped impl's padded rows (R, H)
+  rows = dispatch.num_rows(t * K, E, moe.tile_size, None)
+  shape = (E, t, H) if impl == 'dense' else (rows, H)
+  hidden = residuals_of_shape(loss, (v, x), shape)
   assert len(hidden) == 2, hidden
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 import flaxact
 from flaxact import nnx as fx
+from flaxact._src.moe import dispatch
 from flaxact._src.moe.routing_step import GroupedImplUnderQuantizerWarning
 from tests import moe_quantization_helpers as mh
 from tests import quantization_helpers as qh
@@ -288,15 +289,20 @@ def test_aqt_functional_dot_general_equals_baseline_and_trains():
     assert np.isfinite(kernel_grad).all() and np.any(kernel_grad != 0)
 
 
-def test_qat_keeps_two_expert_hidden_sized_residuals():
+@pytest.mark.parametrize('impl', ['dense', 'auto'])
+def test_qat_keeps_two_expert_hidden_sized_residuals(impl):
   x = _x()
-  (q,) = _quantize([_layer()], qwix.QtProvider(qh.QAT_RULES), x)
+  (q,) = _quantize([_layer(impl=impl)], qwix.QtProvider(qh.QAT_RULES), x)
   graphdef, state = nnx.split(q)
 
   def loss(state, x):
     return jnp.sum(nnx.merge(graphdef, state)(x))
 
-  hidden = residuals_of_shape(loss, (state, x), (E, x.size // D, H))
+  t = x.size // D
+  # 'dense': (E, T, H); 'auto': the grouped impl's padded rows (R, H)
+  rows = dispatch.num_rows(t * K, E, q.tile_size, None)
+  shape = (E, t, H) if impl == 'dense' else (rows, H)
+  hidden = residuals_of_shape(loss, (state, x), shape)
   assert len(hidden) == 2, hidden
 
 
