@@ -20,7 +20,7 @@ be shared: medians and the min-max spread are reported):
   ``flaxact.linen.MoE`` with respect to its parameters and the input, jitted,
   for the float layer with ``impl='loop'`` (the CPU default) and
   ``impl='dense'`` and for the layer under Qwix int8 QAT (weights and
-  activations, every module but the router; QAT runs ``'dense'``), and
+  activations, every module but the router; ``impl='auto'``), and
   ``'dense'``/QAT again with ``capacity_factor=1.25`` (each expert computes
   its capacity slots only): step time and compiled temp memory
   (``memory_analysis()``) as ratios to float dropless ``'loop'``;
@@ -271,7 +271,8 @@ def layer_cases(shape, a):
 
   ``loop`` and ``dense`` are the float Linen ``MoE`` with that impl; ``qat``
   is the same layer (``impl='auto'``) under Qwix int8 QAT, which runs the
-  ``'dense'`` impl because Qwix intercepts ``jax.lax.dot_general``.
+  grouped impl quantized as Qwix quantizes ``'dense'``
+  (``benchmarks/moe_quantized.py`` has the quantized rows).
   """
   import flax.linen as nn
   import jax
@@ -347,7 +348,7 @@ def _print_layer(r, repeats):
   labels = {
     'loop': "float impl='loop'",
     'dense': "float impl='dense'",
-    'qat': 'Qwix int8 QAT (dense)',
+    'qat': 'Qwix int8 QAT (auto)',
     'dense_cap': f"float 'dense', cap {CAPACITY}",
     'qat_cap': f'Qwix int8 QAT, cap {CAPACITY}',
   }
@@ -468,8 +469,9 @@ def recommendation(results, impls) -> str:
     for name, rows in results['shapes'].items()
   }
   picks = ', '.join(f'{name}: {impl!r}' for name, impl in best.items())
+  device = f'{jax.default_backend()} ({jax.devices()[0].device_kind})'
   return (
-    f'recommended impl on {jax.default_backend()} ({jax.devices()[0].device_kind}):'
+    f'recommended impl on {device}:'
     f" {picks} (fastest median); impl='auto' picks {resolve_impl('auto')!r}"
   )
 

@@ -74,7 +74,9 @@ def _args(argv=None):
 def _rules():
   import qwix
 
-  qat = qwix.QtRule(module_path=MODULE_PATH, weight_qtype='int8', act_qtype='int8')
+  qat = qwix.QtRule(
+    module_path=MODULE_PATH, weight_qtype='int8', act_qtype='int8'
+  )
   ptq = qwix.QuantizationRule(module_path=MODULE_PATH, weight_qtype='int8')
   return qwix.QtProvider([qat]), qwix.PtqProvider([ptq])
 
@@ -232,7 +234,9 @@ def main(argv=None):
   load = check_quiet(a)
   results = {
     'backend': jax.default_backend(),
-    'shape': dict(zip(('tokens', 'd', 'hidden', 'experts', 'k'), a.shape)),
+    'shape': dict(
+      zip(('tokens', 'd', 'hidden', 'experts', 'k'), a.shape, strict=True)
+    ),
     'frameworks': {},
   }
   for fw in a.frameworks.split(','):

@@ -109,13 +109,16 @@ def _nnx_ptq(d=D, h=H):
 
 def _experts_nbytes(state):
   leaves = jax.tree.leaves(
-    {n: nnx.to_pure_dict(state)[n] for n in ('gate_proj', 'up_proj', 'down_proj')}
+    {
+      n: nnx.to_pure_dict(state)[n]
+      for n in ('gate_proj', 'up_proj', 'down_proj')
+    }
   )
   return sum(a.nbytes for a in leaves)
 
 
 def test_nnx_auto_serves_ptq_kernels_grouped_and_quarter_memory(monkeypatch):
-  layer, q, x = _nnx_ptq()
+  _, q, x = _nnx_ptq()
   seen = []
   forward = fused_loop.forward
 
@@ -152,9 +155,7 @@ def test_linen_input_gradient_equals_the_dense_formulation():
   abstract = jax.eval_shape(models['auto'].init, jax.random.key(0), x)
   qparams = {'params': qwix.quantize_params(v['params'], abstract['params'])}
   grads = {
-    impl: jax.jit(jax.grad(lambda x, m=m: jnp.sum(m.apply(qparams, x) ** 2)))(
-      x
-    )
+    impl: jax.jit(jax.grad(lambda x, m=m: jnp.sum(m.apply(qparams, x) ** 2)))(x)
     for impl, m in models.items()
   }
   chex.assert_trees_all_close(grads['auto'], grads['dense'], **F32)

@@ -111,7 +111,7 @@ def tokamax():
   flags are already parsed.
   """
   module = pytest.importorskip('tokamax')
-  from absl import flags  # noqa: PLC0415 (a tokamax dependency)
+  from absl import flags
 
   parsed = flags.FLAGS.is_parsed()
   flags.FLAGS.mark_as_parsed()

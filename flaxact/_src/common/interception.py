@@ -53,7 +53,7 @@ def current_qwix_rule(op_name: str = 'dot_general') -> Any:
   """
   if 'qwix' not in sys.modules or not dot_general_intercepted():
     return None
-  import qwix.pallas  # noqa: PLC0415
+  import qwix.pallas
 
   return qwix.pallas.get_current_rule(op_name)
 

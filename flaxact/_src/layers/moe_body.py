@@ -23,12 +23,12 @@ import jax.numpy as jnp
 from flax.core import spmd
 
 from flaxact._src.common.checks import check_positive_int
-from flaxact._src.layers import ffn_body
-from flaxact._src.moe import api, routing_step
 from flaxact._src.common.interception import (
   dot_general_intercepted,
   without_qwix_interception,
 )
+from flaxact._src.layers import ffn_body
+from flaxact._src.moe import api, routing_step
 from flaxact._src.moe.experts import fake_quant
 from flaxact._src.moe.experts import quantized as quantized_kernels
 from flaxact._src.moe.experts.api import resolve_impl, transform_impl

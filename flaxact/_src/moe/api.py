@@ -162,13 +162,15 @@ def moe_ffn(
     gated_product: ``(gate, up) -> hidden`` replacing it (e.g.
       :func:`gpt_oss_glu`).
     capacity_factor: ``None`` (dropless) or a positive number.
-    impl: ``'loop'``, ``'tiles'`` or ``'ragged'`` (grouped matmuls), or
-      ``'dense'`` (every expert on every token, or on its capacity slots,
-      one ``dot_general`` per projection, ``E / k`` times the FLOPs
-      dropless: what quantizers can reach); all give the same result.
-      ``'auto'``: ``'dense'`` with a ``dot_general`` hook or while
-      ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'`` on CPU
-      and ``'ragged'`` on GPU/TPU.
+    impl: ``'loop'``, ``'tiles'``, ``'ragged'`` or ``'tokamax'``
+      (grouped matmuls; ``'tokamax'`` through ``tokamax.ragged_dot``, an
+      optional dependency), or ``'dense'`` (every expert on every token, or
+      on its capacity slots, one ``dot_general`` per projection, ``E / k``
+      times the FLOPs dropless: what quantizers can reach); all give the
+      same result. ``'auto'``: ``'dense'`` with a ``dot_general`` hook or
+      while ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'``
+      on CPU and ``'tokamax'`` (when installed) or ``'ragged'`` on GPU/TPU
+      (see :func:`flaxact._src.moe.experts.api.resolve_impl`).
     tile_size: rows per tile of ``'loop'`` and ``'tiles'``.
     precision: matmul precision.
     dot_general: replaces :func:`jax.lax.dot_general` in the router and the
@@ -193,6 +195,7 @@ def moe_ffn(
       groups not dividing the experts, ``capacity_factor <= 0`` or
       mismatched shapes.
     TypeError: for integer input.
+    ImportError: ``impl='tokamax'`` without the ``tokamax`` package.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flaxact

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 
 from flaxact._src.moe import dispatch
 from flaxact._src.moe.experts import dense
-from flaxact._src.moe.experts.grouped import RAGGED_IMPLS
 from flaxact._src.moe.experts.api import (
   GroupedImplUnderQuantizerWarning as GroupedImplUnderQuantizerWarning,
 )
+from flaxact._src.moe.experts.grouped import RAGGED_IMPLS
 from flaxact._src.moe.routers import load_balancing_loss, router_z_loss
 from flaxact._src.moe.settings import RoutingSettings
 

@@ -2,8 +2,9 @@
 
 The one table of ``impl`` names: the grouped-matmul impls of
 :mod:`flaxact._src.moe.experts.grouped` (``'loop'``, ``'ragged'``,
-``'tiles'``, ``'tokamax'``), ``'dense'`` (:mod:`flaxact._src.moe.experts.dense`) and
-``'auto'``, which :func:`resolve_impl` turns into one of them at trace time.
+``'tiles'``, ``'tokamax'``), ``'dense'``
+(:mod:`flaxact._src.moe.experts.dense`) and ``'auto'``, which
+:func:`resolve_impl` turns into one of them at trace time.
 
 Examples:
   >>> from flaxact._src.moe.experts import api

@@ -64,7 +64,7 @@ class QatProduct:
   """A gated product carrying the experts' QAT settings (gate, up, down)."""
 
   product: Callable[[Array, Array], Array]
-  configs: tuple[QatConfig, QatConfig, QatConfig]
+  configs: tuple[QatConfig, ...]  # gate, up, down
 
   def __call__(self, g: Array, u: Array) -> Array:
     return self.product(g, u)
@@ -83,7 +83,7 @@ def qat_configs(rules: Sequence[Any]) -> tuple[QatConfig, ...] | None:
   """
   if 'qwix' not in sys.modules:
     return None
-  import qwix  # noqa: PLC0415
+  import qwix
 
   if not any(isinstance(rule, qwix.QtRule) for rule in rules):
     return None
@@ -111,7 +111,7 @@ def qat_configs(rules: Sequence[Any]) -> tuple[QatConfig, ...] | None:
 
 
 def _fake_quant(a: Array, qtype: Any, method: str, axes) -> Array:
-  import qwix  # noqa: PLC0415
+  import qwix
 
   q = qwix.quantize(a, qtype, channelwise_axes=axes, calibration_method=method)
   return qwix.dequantize(q).astype(a.dtype)

@@ -35,6 +35,7 @@ dequantize the stacked kernel for the call. Its cotangent is zero.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -99,21 +100,22 @@ class RaggedOps:
     )
 
 
+def _tokamax():
+  """The optional ``tokamax`` module (``resolve_impl`` checked it is here)."""
+  return importlib.import_module('tokamax')
+
+
 @dataclasses.dataclass(frozen=True)
 class TokamaxOps(RaggedOps):
   """:class:`RaggedOps` through ``tokamax.ragged_dot(_general)``."""
 
   def mm(self, a, w):
-    import tokamax  # noqa: PLC0415  (optional; checked by resolve_impl)
-
-    return tokamax.ragged_dot(
+    return _tokamax().ragged_dot(
       a, dense_weight(w), self.sizes, precision=self.precision
     )
 
   def wgrad(self, a, b):
-    import tokamax  # noqa: PLC0415
-
-    return tokamax.ragged_dot_general(
+    return _tokamax().ragged_dot_general(
       a, b, self.sizes, WGRAD_DIMS, precision=self.precision
     )
 
