@@ -208,3 +208,46 @@ def test_quantized_kernels_under_an_explicit_grouped_impl_do_not_warn():
   with warnings.catch_warnings():
     warnings.simplefilter('error', GroupedImplUnderQuantizerWarning)
     jax.eval_shape(lambda x: q(x), x)
+
+
+# ------------------------------------------------------------------ QAT
+
+
+def _qat_paths(monkeypatch, rule):
+  """The products the fused loop ran with under Qwix QAT ``rule``."""
+  seen = []
+  forward = fused_loop.forward
+
+  def recording(prod, *args):
+    seen.append(type(prod).__name__)
+    return forward(prod, *args)
+
+  monkeypatch.setattr(fused_loop, 'forward', recording)
+  x = mh.x_input()
+  layer = fx.MoE(D, H, E, K, rngs=nnx.Rngs(0))
+  provider = qwix.QtProvider([rule])
+  q = nnx.jit(lambda m, x: qwix.quantize_model(m, provider, x))(layer, x)
+  nnx.jit(lambda q, x: nnx.grad(lambda m: jnp.sum(m(x) ** 2))(q))(q, x)
+  return seen
+
+
+def test_qat_default_rule_runs_grouped(monkeypatch):
+  rule = qwix.QtRule(
+    module_path='^(?!router).*', weight_qtype='int8', act_qtype='int8'
+  )
+  seen = _qat_paths(monkeypatch, rule)
+  assert seen and set(seen) == {'QatProduct'}, seen
+
+
+@pytest.mark.parametrize(
+  'option',
+  [dict(bwd_qtype='int8'), dict(tile_size=8)],
+  ids=['bwd_qtype', 'subchannel'],
+)
+def test_qat_rules_the_grouped_path_cannot_follow_run_dense(
+  monkeypatch, option
+):
+  rule = qwix.QtRule(
+    module_path='^(?!router).*', weight_qtype='int8', act_qtype='int8', **option
+  )
+  assert _qat_paths(monkeypatch, rule) == []  # 'dense': Qwix's own
