@@ -21,7 +21,7 @@ be shared: medians and the min-max spread are reported):
   ``flaxact.linen.MoE`` with respect to its parameters and the input, jitted,
   for the float layer with ``impl='loop'`` (the CPU default) and
   ``impl='dense'`` and for the layer under Qwix int8 QAT (weights and
-  activations, every module but the router; QAT runs ``'dense'``), and
+  activations, every module but the router; ``impl='auto'``), and
   ``'dense'``/QAT again with ``capacity_factor=1.25`` (each expert computes
   its capacity slots only): step time and compiled temp memory
   (``memory_analysis()``) as ratios to float dropless ``'loop'``;
@@ -82,7 +82,11 @@ def _args(argv=None):
   p.add_argument(
     '--shapes', default='coarse,fine', help="'' skips the impl rows"
   )
-  p.add_argument('--impls', default='loop,tiles')
+  p.add_argument(
+    '--impls',
+    default='loop,tiles',
+    help="comma list, or 'all' (every impl here; prints a recommendation)",
+  )
   p.add_argument('--tile-size', type=int, default=None)
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--quick', action='store_true', help='small shapes, 2 rounds')
@@ -263,7 +267,7 @@ def jax_cases(shape, a):
     'floor': (grad(floor, 4), (xb, wg, wu, wd)),
     'routing': (grad(routing, 2), (x, rk)),
   }
-  for impl in a.impls.split(','):
+  for impl in impl_names(a.impls):
     kw = {} if a.tile_size is None else {'tile_size': a.tile_size}
 
     def moe(x, rk, g, u, dn, impl=impl, kw=kw):
@@ -289,7 +293,8 @@ def layer_cases(shape, a):
 
   ``loop`` and ``dense`` are the float Linen ``MoE`` with that impl; ``qat``
   is the same layer (``impl='auto'``) under Qwix int8 QAT, which runs the
-  ``'dense'`` impl because Qwix intercepts ``jax.lax.dot_general``.
+  grouped impl quantized as Qwix quantizes ``'dense'``
+  (``benchmarks/moe_quantized.py`` has the quantized rows).
   """
   import flax.linen as nn
   import jax
@@ -366,7 +371,7 @@ def _print_layer(r, repeats):
   labels = {
     'loop': "float impl='loop'",
     'dense': "float impl='dense'",
-    'qat': 'Qwix int8 QAT (dense)',
+    'qat': 'Qwix int8 QAT (auto)',
     'dense_cap': f"float 'dense', cap {CAPACITY}",
     'qat_cap': f'Qwix int8 QAT, cap {CAPACITY}',
   }
@@ -462,6 +467,38 @@ def _torch_results(a):
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def impl_names(spec: str) -> list[str]:
+  """``--impls``: a comma list, or ``'all'`` (``'tokamax'`` if installed)."""
+  if spec != 'all':
+    return spec.split(',')
+  from flaxact._src.moe.experts import api
+
+  if api.tokamax_available():
+    from absl import flags  # tokamax parses sys.argv (ours) unless parsed
+
+    flags.FLAGS.mark_as_parsed()
+  skip = {'auto'} | (set() if api.tokamax_available() else {'tokamax'})
+  return [impl for impl in api.IMPLS if impl not in skip]
+
+
+def recommendation(results, impls) -> str:
+  """One line: the impl with the lowest median on this device, per shape."""
+  import jax
+
+  from flaxact._src.moe.experts.api import resolve_impl
+
+  best = {
+    name: min(impls, key=lambda i, rows=rows: rows[i][0])
+    for name, rows in results['shapes'].items()
+  }
+  picks = ', '.join(f'{name}: {impl!r}' for name, impl in best.items())
+  device = f'{jax.default_backend()} ({jax.devices()[0].device_kind})'
+  return (
+    f'recommended impl on {device}:'
+    f" {picks} (fastest median); impl='auto' picks {resolve_impl('auto')!r}"
+  )
+
+
 def _print_impls(results, torch_res, a):
   import jax
 
@@ -538,6 +575,8 @@ def main(argv=None):
   torch_res = _torch_results(a)
   if a.shape_names:
     _print_impls(results, torch_res, a)
+    if a.impls == 'all':
+      print(recommendation(results, impl_names(a.impls)))
   if not a.no_layer:
     _print_layer(results['layer'], a.repeats)
   results['torch'] = torch_res

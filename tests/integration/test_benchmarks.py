@@ -15,12 +15,13 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 SCRIPT = os.path.join(ROOT, 'benchmarks', 'moe.py')
+QUANTIZED = os.path.join(ROOT, 'benchmarks', 'moe_quantized.py')
 
 
-def _run(*args):
+def _run(*args, script=SCRIPT):
   env = {**os.environ, 'PYTHONPATH': ROOT}
   return subprocess.run(
-    [sys.executable, SCRIPT, *args],
+    [sys.executable, script, *args],
     capture_output=True,
     text=True,
     env=env,
@@ -51,3 +52,30 @@ def test_refuses_a_busy_machine_unless_told():
   assert done.returncode != 0
   assert 'not be publishable' in done.stderr
   assert 'MoE forward+backward' not in done.stdout
+
+
+def test_impls_all_prints_a_recommendation_for_this_device():
+  done = _run(
+    '--quick', '--no-layer', '--shapes', 'coarse', '--impls', 'all',
+    '--repeats', '1', '--allow-busy',
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr[-3000:]
+  line = [ln for ln in done.stdout.splitlines() if 'recommended impl' in ln]
+  assert len(line) == 1 and "impl='auto' picks" in line[0], done.stdout
+
+
+def test_quantized_benchmark_quick_run(tmp_path):
+  out = tmp_path / 'moe_quantized.json'
+  done = _run('--quick', '--allow-busy', '--json', str(out), script=QUANTIZED)
+  assert done.returncode == 0, done.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert set(r['frameworks']) == {'linen', 'nnx'}
+  for fw in r['frameworks'].values():
+    assert set(fw['ratios']) == {
+      'qat_step', 'ptq_fwd', 'ptq_dense_fwd', 'ptq_weight_bytes'
+    }  # fmt: skip
+    assert all(v > 0 for v in fw['temp_bytes'].values())
+    # int8 values + (E, 1, out) scales; the grouped path equals 'dense'
+    assert fw['ratios']['ptq_weight_bytes'] < 0.3
+    assert fw['ptq_auto_vs_dense'] < 1e-5
+  assert 'goal <= 1.3' in done.stdout and 'load average before' in done.stdout

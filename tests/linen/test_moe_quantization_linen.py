@@ -24,6 +24,7 @@ from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2.flax import aqt_flax
 
 from flaxact import linen as fl
+from flaxact._src.moe import dispatch
 from flaxact._src.moe.routing_step import GroupedImplUnderQuantizerWarning
 from tests import moe_quantization_helpers as mh
 from tests import quantization_helpers as qh
@@ -114,15 +115,20 @@ def test_float_baseline_is_the_same_moe():
 
 
 @pytest.mark.parametrize('variant', list(mh.VARIANTS))
-def test_qat_int8_forward_and_grads(variant):
+@pytest.mark.parametrize('impl', ['dense', 'auto'])
+def test_qat_int8_forward_and_grads(variant, impl):
   layer, hand = _pair(variant)
+  layer = layer.clone(impl=impl)  # 'auto': grouped, quantized as Qwix would
   v, x = _params(variant), _x()
   q, q_hand = (
     qwix.quantize_model(m, qwix.QtProvider(qh.QAT_RULES)) for m in (layer, hand)
   )
   (y, g), (y_hand, g_hand), y_float = _run([q, q_hand], [v, v], x, hand)
-  chex.assert_trees_all_equal(y, y_hand)
   assert 0 < qh.float_error(y, y_float) < 0.05  # it did quantize
+  if impl == 'auto':
+    mh.assert_qat_within_rounding(y, y_hand, y_float, g, g_hand)
+    return
+  chex.assert_trees_all_equal(y, y_hand)
   chex.assert_trees_all_close(g, g_hand, **GRAD_TOL)
   for name in EXPERTS:
     assert np.any(np.asarray(g['params'][name]['kernel']) != 0), name
@@ -185,7 +191,15 @@ def test_ptq_int8_quantizes_the_expert_kernels(variant):
       # one scale per expert and output channel
       assert kernel.scale.shape == (E, 1, out)
   y, y_hand, y_float = _call([*models, hand], [*variables, v], x)
-  chex.assert_trees_all_equal(y, y_hand)
+  # Served by the grouped impl (int8 kernels dequantized per expert): the
+  # hand-written dense formulation's value up to float32 summation order.
+  chex.assert_trees_all_close(y, y_hand, **F32)
+  dense = qwix.quantize_model(
+    fl.MoE(H, E, K, **mh.VARIANTS[variant], impl='dense'),
+    qwix.PtqProvider(qh.PTQ_RULES),
+  )
+  (y_dense,) = _call([dense], variables[:1], x)
+  chex.assert_trees_all_equal(y_dense, y_hand)
   assert 0 < qh.float_error(y, y_float) < 0.05
 
 
@@ -272,15 +286,21 @@ def test_aqt_functional_dot_general_equals_baseline_and_trains():
     assert np.isfinite(kernel_grad).all() and np.any(kernel_grad != 0)
 
 
-def test_qat_keeps_two_expert_hidden_sized_residuals():
-  layer = qwix.quantize_model(fl.MoE(H, E, K), qwix.QtProvider(qh.QAT_RULES))
+@pytest.mark.parametrize('impl', ['dense', 'auto'])
+def test_qat_keeps_two_expert_hidden_sized_residuals(impl):
+  moe = fl.MoE(H, E, K, impl=impl)
+  layer = qwix.quantize_model(moe, qwix.QtProvider(qh.QAT_RULES))
   x = _x()
   v = _params()
 
   def loss(v, x):
     return jnp.sum(layer.apply(v, x))
 
-  hidden = residuals_of_shape(loss, (v, x), (E, x.size // D, H))
+  t = x.size // D
+  # 'dense': (E, T, H); 'auto': the grouped impl's padded rows (R, H)
+  rows = dispatch.num_rows(t * K, E, moe.tile_size, None)
+  shape = (E, t, H) if impl == 'dense' else (rows, H)
+  hidden = residuals_of_shape(loss, (v, x), shape)
   assert len(hidden) == 2, hidden
 
 
@@ -298,18 +318,16 @@ def _ptq(layer, v, x):
   return q, {'params': qwix.quantize_params(v['params'], abstract['params'])}
 
 
-def test_quantized_kernels_reaching_a_grouped_impl_are_an_error():
+def test_quantized_kernels_are_served_by_an_explicit_grouped_impl():
   x = _x()
   v = _params()
-  _, qparams = _ptq(fl.MoE(H, E, K), v, x)  # quantized with impl='auto'
-  with mh.warns_grouped():
+  auto, qparams = _ptq(fl.MoE(H, E, K), v, x)  # quantized with impl='auto'
+  with mh.warns_grouped():  # its own float init warns
     loop, _ = _ptq(fl.MoE(H, E, K, impl='loop'), v, x)
-  with (
-    pytest.raises(TypeError, match='gate_proj kernel is a WithAux'),
-    warnings.catch_warnings(),
-  ):
-    warnings.simplefilter('ignore', GroupedImplUnderQuantizerWarning)
-    jax.eval_shape(loop.apply, qparams, x)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', GroupedImplUnderQuantizerWarning)
+    y = jax.jit(loop.apply)(qparams, x)
+  chex.assert_trees_all_close(y, jax.jit(auto.apply)(qparams, x), **F32)
 
 
 def test_ptq_of_an_explicit_grouped_impl_warns_and_leaves_experts_float():

@@ -26,6 +26,7 @@ from flax import nnx
 
 import flaxact
 from flaxact import nnx as fx
+from flaxact._src.moe import dispatch
 from flaxact._src.moe.routing_step import GroupedImplUnderQuantizerWarning
 from tests import moe_quantization_helpers as mh
 from tests import quantization_helpers as qh
@@ -132,14 +133,19 @@ def test_float_baseline_is_the_same_moe():
   chex.assert_trees_all_equal(*_call([dense, hand], _x()))
 
 
+@pytest.mark.parametrize('impl', ['dense', 'auto'])
 @pytest.mark.parametrize('variant', list(mh.VARIANTS))
-def test_qat_int8_forward_and_grads(variant):
+def test_qat_int8_forward_and_grads(variant, impl):
   layer, hand = _pair(variant)
+  layer.impl = impl  # 'auto': the grouped impl, quantized as Qwix would
   x = _x()
   q, q_hand = _quantize([layer, hand], qwix.QtProvider(qh.QAT_RULES), x)
   (y, g), (y_hand, g_hand), y_float = _run([q, q_hand], x, hand)
-  chex.assert_trees_all_equal(y, y_hand)
   assert 0 < qh.float_error(y, y_float) < 0.05  # it did quantize
+  if impl == 'auto':
+    mh.assert_qat_within_rounding(y, y_hand, y_float, _flat(g), _flat(g_hand))
+    return
+  chex.assert_trees_all_equal(y, y_hand)
   g = _assert_same_grads(g, g_hand)
   for name in EXPERTS:
     assert np.any(np.asarray(g[f'{name}/kernel']) != 0), name
@@ -224,7 +230,11 @@ def test_ptq_int8_quantizes_the_expert_kernels(variant):
     assert params[f'{name}/kernel/array/scale'].shape == (E, 1, out)
   assert params['router/kernel/array/qvalue'].dtype == jnp.int8
   y, y_hand, y_float = _call([q, q_hand, hand], x)
-  chex.assert_trees_all_equal(y, y_hand)
+  # Served by the grouped impl (int8 kernels dequantized per expert): the
+  # hand-written dense formulation's value up to float32 summation order.
+  chex.assert_trees_all_close(y, y_hand, **F32)
+  q.impl = 'dense'  # the dense formulation is the hand-written one exactly
+  chex.assert_trees_all_equal(_call([q], x)[0], y_hand)
   assert 0 < qh.float_error(y, y_float) < 0.05
 
 
@@ -279,15 +289,20 @@ def test_aqt_functional_dot_general_equals_baseline_and_trains():
     assert np.isfinite(kernel_grad).all() and np.any(kernel_grad != 0)
 
 
-def test_qat_keeps_two_expert_hidden_sized_residuals():
+@pytest.mark.parametrize('impl', ['dense', 'auto'])
+def test_qat_keeps_two_expert_hidden_sized_residuals(impl):
   x = _x()
-  (q,) = _quantize([_layer()], qwix.QtProvider(qh.QAT_RULES), x)
+  (q,) = _quantize([_layer(impl=impl)], qwix.QtProvider(qh.QAT_RULES), x)
   graphdef, state = nnx.split(q)
 
   def loss(state, x):
     return jnp.sum(nnx.merge(graphdef, state)(x))
 
-  hidden = residuals_of_shape(loss, (state, x), (E, x.size // D, H))
+  t = x.size // D
+  # 'dense': (E, T, H); 'auto': the grouped impl's padded rows (R, H)
+  rows = dispatch.num_rows(t * K, E, q.tile_size, None)
+  shape = (E, t, H) if impl == 'dense' else (rows, H)
+  hidden = residuals_of_shape(loss, (state, x), shape)
   assert len(hidden) == 2, hidden
 
 
@@ -304,16 +319,15 @@ def test_grouped_impl_with_a_dot_general_hook_is_an_error():
     )
 
 
-def test_quantized_kernels_reaching_a_grouped_impl_are_an_error():
+@pytest.mark.parametrize('impl', ['loop', 'tiles', 'ragged'])
+def test_quantized_kernels_are_served_by_every_grouped_impl(impl):
   x = _x()
   (q,) = _quantize([_layer()], qwix.PtqProvider(qh.PTQ_RULES), x)
-  q.impl = 'loop'  # quantized with 'auto', then switched to a grouped impl
-  with (
-    pytest.raises(TypeError, match='gate_proj kernel is a WithAux'),
-    warnings.catch_warnings(),
-  ):
-    warnings.simplefilter('ignore', GroupedImplUnderQuantizerWarning)
-    nnx.eval_shape(lambda q, x: q(x), q, x)
+  (want,) = _call([q], x)  # 'auto': the grouped impl of this backend
+  q.impl = impl  # quantized with 'auto', then switched to a grouped impl
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', GroupedImplUnderQuantizerWarning)
+    chex.assert_trees_all_close(*_call([q], x), want, **F32)
 
 
 def test_ptq_of_an_explicit_grouped_impl_warns_and_leaves_experts_float():

@@ -23,13 +23,21 @@ import jax.numpy as jnp
 from flax.core import spmd
 
 from flaxact._src.common.checks import check_positive_int
+from flaxact._src.common.interception import (
+  dot_general_intercepted,
+  without_qwix_interception,
+)
 from flaxact._src.layers import ffn_body
 from flaxact._src.moe import api, routing_step
+from flaxact._src.moe.experts import fake_quant
+from flaxact._src.moe.experts import quantized as quantized_kernels
 from flaxact._src.moe.experts.api import resolve_impl, transform_impl
 from flaxact._src.moe.settings import RoutingSettings
 
 Array = jax.Array
 
+#: The expert projections, in order.
+PROJECTIONS = ('gate_proj', 'up_proj', 'down_proj')
 #: The names a ``MoE`` layer records on every call (never added to ``y``).
 RECORDED = (
   'load_balancing_loss',
@@ -173,6 +181,10 @@ class Experts(Protocol):
     """``(kernel, bias)`` promoted to ``dtype`` (``bias`` may be ``None``)."""
     ...
 
+  def quantization_rule(self) -> Any:
+    """The Qwix rule matching the projection now, or ``None``."""
+    ...
+
   def __call__(
     self, x: Array, *, dtype: Any, bias_scale: Array | None = None
   ) -> Array:
@@ -195,10 +207,17 @@ def routed(
   """The routed experts of ``x`` given the router's ``logits``.
 
   With impl ``'dense'`` (also what ``'auto'`` means under a ``dot_general``
-  hook or a Qwix interception) each expert projection runs inside its own
-  module, so a quantizer sees the matmul with the module's kernel;
-  otherwise the promoted kernels go to :func:`api.routed_experts`'
-  grouped matmul.
+  hook or a Qwix interception of float kernels) each expert projection runs
+  inside its own module, so a quantizer sees the matmul with the module's
+  kernel; otherwise the promoted kernels go to :func:`api.routed_experts`'
+  grouped matmul. Quantized kernels (a Qwix PTQ model's int8 values and
+  per-expert, per-channel scales) go to the grouped matmul too under
+  ``'auto'`` (one device), which dequantizes one expert's kernel at a time;
+  so do float kernels under Qwix QAT rules with default options (each
+  projection's rule read with ``qwix.pallas.get_current_rule``), quantized
+  as Qwix quantizes ``'dense'``
+  (:mod:`flaxact._src.moe.experts.fake_quant`). The grouped matmuls then
+  run with Qwix's interception off.
 
   Args:
     x: ``(..., in)`` in the compute dtype.
@@ -216,18 +235,38 @@ def routed(
     ``(y, aux)``: ``y`` of shape ``(..., out)`` in the dtype of ``x``.
 
   Raises:
-    TypeError: for quantized (non-array) kernels with a grouped impl.
+    TypeError: for kernels that are neither arrays nor Qwix quantized arrays
+      with a grouped impl.
+    ValueError: for a quantized kernel whose scale is not ``(E, 1, out)``
+      (or has a zero point), or quantized kernels under expert parallelism
+      with a grouped impl.
   """
-  impl, lean = resolve_impl(routing.impl, hooked=hooked), True
+  weights = [p.weights(x.dtype) for p in experts]
+  mesh, axis = expert_mesh()
+  quantized = any(quantized_kernels.is_quantized(w) for w, _ in weights)
+  qat = None  # Qwix QAT settings the grouped impls can follow
+  if (
+    not (quantized or hooked or mesh is not None) and dot_general_intercepted()
+  ):
+    qat = fake_quant.qat_configs([p.quantization_rule() for p in experts])
+  # The grouped impls quantize by themselves: PTQ kernels, QAT settings.
+  own = (quantized or qat is not None) and mesh is None
+  impl = resolve_impl(routing.impl, hooked=hooked, quantized=own)
   kernels = biases = None
+  lean = True
   if impl != 'dense':
-    kernels, biases = _grouped_weights(experts, x.dtype, impl)
+    kernels, biases = _grouped_weights(weights, x.dtype, impl, mesh)
     impl, lean = transform_impl(
       impl, x, logits, score_correction_bias, kernels, biases
     )
+    if qat is not None:
+      # forward-mode autodiff (no custom VJP) differentiates Qwix's own
+      impl = impl if lean else 'dense'
+      product = fake_quant.QatProduct(product, qat)
   lead, e = x.shape[:-1], logits.shape[-1]
   tokens = x.reshape(-1, x.shape[-1])
-  mesh, axis = (None, 'expert') if impl == 'dense' else expert_mesh()
+  if impl == 'dense':
+    mesh, axis = None, 'expert'
   r = routing_step.route(
     logits.reshape(-1, e),
     routing,
@@ -240,7 +279,10 @@ def routed(
     projections = tuple(functools.partial(p, dtype=x.dtype) for p in experts)
     y = r.dense_ffn(tokens, projections, product)
   else:
-    y, r = api.routed_experts(
+    run = api.routed_experts
+    if own:  # no Qwix rule may quantize the grouped matmuls again
+      run = without_qwix_interception(run)
+    y, r = run(
       tokens,
       r,
       kernels,
@@ -273,19 +315,30 @@ def routed(
   return y.reshape(*lead, y.shape[-1]).astype(x.dtype), aux
 
 
-def _grouped_weights(experts: Sequence[Experts], dtype: Any, impl: str):
-  """``(kernels, biases)`` of the experts, each ``(gate, up, down)``."""
-  weights = [p.weights(dtype) for p in experts]
-  for name, (kernel, _) in zip(('gate', 'up', 'down'), weights, strict=True):
-    if not isinstance(kernel, jax.Array):
+def _grouped_weights(weights, dtype: Any, impl: str, mesh: Any):
+  """``(kernels, biases)`` of the experts, each ``(gate, up, down)``.
+
+  A Qwix quantized kernel becomes a
+  :class:`~flaxact._src.moe.experts.quantized.QuantizedKernel`.
+  """
+  kernels = []
+  for name, (kernel, _) in zip(PROJECTIONS, weights, strict=True):
+    if quantized_kernels.is_quantized(kernel):
+      if mesh is not None:
+        raise ValueError(
+          f'MoE: the {name} kernel is quantized; the grouped impl {impl!r}'
+          ' serves quantized kernels on one device (no expert mesh); got an'
+          " expert-parallel mesh. Use impl='dense' or 'auto'."
+        )
+      kernel = quantized_kernels.from_qwix(kernel, name, dtype)
+    elif not isinstance(kernel, jax.Array):
       raise TypeError(
-        f'MoE: the {name}_proj kernel is a {type(kernel).__name__}, not an'
+        f'MoE: the {name} kernel is a {type(kernel).__name__}, not an'
         f' array; the grouped impl {impl!r} cannot compute with it. Use'
         " impl='auto' or 'dense' with quantized weights."
       )
-  kernels = tuple(w[0] for w in weights)
-  biases = tuple(w[1] for w in weights)
-  return kernels, biases
+    kernels.append(kernel)
+  return tuple(kernels), tuple(w[1] for w in weights)
 
 
 def add_shared(y: Array, shared: Array, gate_logit: Array | None) -> Array:

@@ -31,6 +31,7 @@ import jax
 from flax.linen import dtypes as linen_dtypes
 from flax.typing import Dtype
 
+from flaxact._src.common import interception
 from flaxact._src.layers import moe_body
 from flaxact._src.layers.projection import ProjectionOptions
 from flaxact._src.moe.experts import dense
@@ -90,6 +91,14 @@ class ExpertProjection(nn.Module):
       self.kernel, self.bias, dtype=dtype
     )
     return kernel, bias
+
+  def quantization_rule(self) -> Any:
+    """The Qwix rule matching this module now (``None`` outside Qwix).
+
+    The ``MoE`` layer asks each projection, so that a Qwix QAT rule's
+    ``module_path`` is matched as for the projection's own ``dot_general``.
+    """
+    return interception.current_qwix_rule('dot_general')
 
   @nn.compact  # a dot_general_cls instance may be a Linen module
   def __call__(

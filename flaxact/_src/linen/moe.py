@@ -156,13 +156,18 @@ class MoE(LayerBase):
       as ``dropped_assignments`` and ``dropped_per_device``). ``None``:
       dropless, with exchange buffers for the worst case (``ep`` times the
       routed rows per device).
-    impl: the experts' matmul: ``'loop'``, ``'tiles'`` or ``'ragged'``
-      (grouped, fused under a custom VJP), or ``'dense'`` (plain
-      ``dot_general`` per projection, what quantizers reach); all give the
-      same result. ``'auto'``: ``'dense'`` with a ``dot_general`` hook or
-      under Qwix, else ``'loop'`` on CPU and ``'ragged'`` on GPU/TPU. A
-      grouped impl with a ``dot_general`` hook is an error; under Qwix it
-      warns that the experts stay float.
+    impl: the experts' matmul: ``'loop'``, ``'tiles'``, ``'ragged'`` or
+      ``'tokamax'`` (grouped, fused under a custom VJP; ``'tokamax'`` needs
+      ``pip install tokamax``), or ``'dense'`` (plain ``dot_general`` per
+      projection, what quantizers reach); all give the same result.
+      ``'auto'``: ``'loop'`` on CPU, ``'tokamax'`` (when installed) or
+      ``'ragged'`` on GPU/TPU, also for Qwix PTQ int8 kernels and Qwix QAT
+      rules with default options (quantized as Qwix quantizes
+      ``'dense'``); ``'dense'`` with a ``dot_general`` hook or under other
+      Qwix rules (LoRA, static scales, ...). A grouped impl with a
+      ``dot_general`` hook is an error; under Qwix with float kernels and
+      no QAT rule it warns that the experts stay float. See
+      ``docs/moe_quantized.md``.
     tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
     router_jitter_noise: ``eps`` in ``[0, 1)`` of the router input's jitter
       noise in training (Mixtral's ``router_jitter_noise``); 0: none.

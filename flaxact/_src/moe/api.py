@@ -184,13 +184,15 @@ def moe_ffn(
       dropless, at the cost of worst-case exchange buffers (``ep`` times
       the routed rows per device, in memory and, where the backend has no
       ``ragged_all_to_all`` (CPU), in bytes moved). Unused without a mesh.
-    impl: ``'loop'``, ``'tiles'`` or ``'ragged'`` (grouped matmuls), or
-      ``'dense'`` (every expert on every token, or on its capacity slots,
-      one ``dot_general`` per projection, ``E / k`` times the FLOPs
-      dropless: what quantizers can reach); all give the same result.
-      ``'auto'``: ``'dense'`` with a ``dot_general`` hook or while
-      ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'`` on CPU
-      and ``'ragged'`` on GPU/TPU.
+    impl: ``'loop'``, ``'tiles'``, ``'ragged'`` or ``'tokamax'``
+      (grouped matmuls; ``'tokamax'`` through ``tokamax.ragged_dot``, an
+      optional dependency), or ``'dense'`` (every expert on every token, or
+      on its capacity slots, one ``dot_general`` per projection, ``E / k``
+      times the FLOPs dropless: what quantizers can reach); all give the
+      same result. ``'auto'``: ``'dense'`` with a ``dot_general`` hook or
+      while ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'``
+      on CPU and ``'tokamax'`` (when installed) or ``'ragged'`` on GPU/TPU
+      (see :func:`flaxact._src.moe.experts.api.resolve_impl`).
     tile_size: rows per tile of ``'loop'`` and ``'tiles'``.
     precision: matmul precision.
     dot_general: replaces :func:`jax.lax.dot_general` in the router and the
@@ -227,6 +229,7 @@ def moe_ffn(
       with ``router_logits``).
     TypeError: for integer input, a ``token_mask`` that is not bool, or an
       ``ep_capacity_factor`` that is not a number.
+    ImportError: ``impl='tokamax'`` without the ``tokamax`` package.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flaxact

@@ -30,9 +30,11 @@ import jax.numpy as jnp
 from jax import core as jax_core
 from jax.ad_checkpoint import checkpoint_name
 
-from flaxact._src.moe.experts import fused_loop
+from flaxact._src.common.interception import without_qwix_interception
+from flaxact._src.moe.experts import fake_quant, fused_loop
 from flaxact._src.moe.experts import grouped as gm
 from flaxact._src.moe.experts.grouped import take
+from flaxact._src.moe.experts.quantized import QuantizedKernel
 
 Array = jax.Array
 
@@ -154,18 +156,46 @@ def _experts(impl, prod, precision, x, w, layout, kernels, biases):
   return _experts_fwd(impl, prod, precision, x, w, layout, kernels, biases)[0]
 
 
+def _quantizes_itself(prod, kernels) -> bool:
+  """QAT settings or PTQ kernels: the matmuls quantize by themselves."""
+  return isinstance(prod, fake_quant.QatProduct) or any(
+    isinstance(k, QuantizedKernel) for k in kernels
+  )
+
+
+def _own(fn):
+  """``fn`` with Qwix's interception off when it quantizes by itself.
+
+  The custom VJP's rules may be traced after the layer's call has left its
+  own no-interception scope (under ``jax.grad`` with remat), so each rule
+  turns it off again.
+  """
+
+  @functools.wraps(fn)
+  def run(impl, prod, precision, *args):
+    kernels = args[3] if fn is _experts_fwd else args[0][5]
+    if _quantizes_itself(prod, kernels):
+      return without_qwix_interception(fn)(impl, prod, precision, *args)
+    return fn(impl, prod, precision, *args)
+
+  return run
+
+
 def _experts_fwd(impl, prod, precision, x, w, layout, kernels, biases):
   k = layout.assign_row.shape[1]
+  # Under QAT the forward pass runs on quantized kernels; the residuals
+  # keep the original ones for the backward pass (Qwix's default).
+  fwd_kernels = fake_quant.forward_kernels(prod, kernels)
   if impl == 'loop':
     y, g, u = fused_loop.forward(
-      prod, layout, k, x, w.reshape(-1), kernels, biases, precision
+      prod, layout, k, x, w.reshape(-1), fwd_kernels, biases, precision
     )
     g, u = checkpoint_name(g, GATE), checkpoint_name(u, UP)
     return y, (x, w, layout, g, u, kernels, biases)
   xr = take(x, layout.row_assign // k)
   wr = take(w.reshape(-1), layout.row_assign)
   out, g, u = gm.grouped_forward(
-    impl, prod, layout, xr, wr, kernels, biases, precision
+    impl, prod, layout, xr, wr, fwd_kernels, biases, precision
   )
   g, u = checkpoint_name(g, GATE), checkpoint_name(u, UP)
   y = combine(out, layout.assign_row)
@@ -189,6 +219,10 @@ def _experts_bwd(impl, prod, precision, res, dy):
     )
     dx = combine(dxr, layout.assign_row).astype(x.dtype)
     dw = take(dwr, layout.assign_row.reshape(-1)).reshape(w.shape)
+  dk = tuple(
+    q.zero_cotangent() if isinstance(q, QuantizedKernel) else d
+    for d, q in zip(dk, kernels, strict=True)
+  )
   dk = jax.tree.map(_sum_to_vma, dk, kernels)
   db = jax.tree.map(_sum_to_vma, db, biases)
   return _sum_to_vma(dx, x), _sum_to_vma(dw.astype(w.dtype), w), None, dk, db
@@ -200,11 +234,13 @@ def _sum_to_vma(ct, primal):
   Inside ``shard_map`` a kernel replicated over ``'data'`` gets one partial
   gradient per data shard; they add up (what shard_map's own transpose does).
   """
+  if ct.dtype == jax.dtypes.float0:  # a quantized kernel's int values
+    return ct
   extra = gm.varying(ct) - gm.varying(primal)
   return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
-_experts.defvjp(_experts_fwd, _experts_bwd)
+_experts.defvjp(_own(_experts_fwd), _own(_experts_bwd))
 
 
 def experts_ffn(
@@ -224,11 +260,14 @@ def experts_ffn(
   Args:
     x: ``(T, d)`` tokens.
     weights: ``(T, k)`` routing weights (zero where dropped is fine).
-    layout: from :func:`make_layout` with ``tile=1`` for ``'ragged'``.
+    layout: from :func:`make_layout` with ``tile=1`` for ``'ragged'`` and
+      ``'tokamax'``.
     kernels: gate ``(E, d, h)``, up ``(E, d, h)``, down ``(E, h, d_out)``,
-      in the dtype of ``x``.
+      in the dtype of ``x``, or a
+      :class:`~flaxact._src.moe.experts.quantized.QuantizedKernel` each
+      (int8 values and scales; no gradient reaches them).
     biases: ``(E, h)``, ``(E, h)``, ``(E, d_out)`` or ``None`` each.
-    impl: ``'loop'``, ``'tiles'`` or ``'ragged'``.
+    impl: ``'loop'``, ``'tiles'``, ``'ragged'`` or ``'tokamax'``.
     gated_product: ``(gate, up) -> hidden``, element-wise.
     precision: matmul precision.
     lean: run under the custom VJP (the lean backward); ``False``: plain

@@ -31,8 +31,8 @@ from flaxact._src.moe.experts import exchange
 from flaxact._src.moe.experts.api import (
   DEFAULT_TILE,
   Impl,
+  check_explicit_impl,
   check_impl,
-  resolve_impl,
 )
 
 Array = jax.Array
@@ -132,7 +132,7 @@ class RoutingSettings:
     try:
       checked = self.normalised()
       if checked.impl != 'auto':
-        resolve_impl(checked.impl, hooked=hooked)
+        check_explicit_impl(checked.impl, hooked=hooked)
     except ValueError as err:
       raise ValueError(f'{owner}: {err}') from None
     self._check_groups(owner, checked.router, num_experts, k)

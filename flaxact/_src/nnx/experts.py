@@ -34,6 +34,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.typing import Dtype
 
+from flaxact._src.common import interception
 from flaxact._src.layers import moe_body, sharding
 from flaxact._src.layers.projection import ProjectionOptions
 from flaxact._src.moe.experts import dense
@@ -95,6 +96,14 @@ class ExpertProjection(nnx.Module):
       (self.kernel[...], bias), dtype=dtype
     )
     return kernel, bias
+
+  def quantization_rule(self) -> Any:
+    """The Qwix rule matching this module now (``None`` outside Qwix).
+
+    The ``MoE`` layer asks each projection, so that a Qwix QAT rule's
+    ``module_path`` is matched as for the projection's own ``dot_general``.
+    """
+    return interception.current_qwix_rule('dot_general')
 
   def __call__(
     self, x: Array, *, dtype: Dtype, bias_scale: Array | None = None

@@ -2,19 +2,22 @@
 
 The one table of ``impl`` names: the grouped-matmul impls of
 :mod:`flaxact._src.moe.experts.grouped` (``'loop'``, ``'ragged'``,
-``'tiles'``), ``'dense'`` (:mod:`flaxact._src.moe.experts.dense`) and
-``'auto'``, which :func:`resolve_impl` turns into one of them at trace time.
+``'tiles'``, ``'tokamax'``), ``'dense'``
+(:mod:`flaxact._src.moe.experts.dense`) and ``'auto'``, which
+:func:`resolve_impl` turns into one of them at trace time.
 
 Examples:
   >>> from flaxact._src.moe.experts import api
   >>> api.IMPLS
-  ('loop', 'ragged', 'tiles', 'dense', 'auto')
+  ('loop', 'ragged', 'tiles', 'tokamax', 'dense', 'auto')
   >>> api.resolve_impl('auto', hooked=True)
   'dense'
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import typing
 import warnings
 from typing import Any, Literal
@@ -26,9 +29,9 @@ from flaxact._src.common.interception import dot_general_intercepted
 from flaxact._src.common.tracing import transforms
 
 #: A grouped-matmul impl (rows sorted by expert).
-GroupedImpl = Literal['loop', 'ragged', 'tiles']
+GroupedImpl = Literal['loop', 'ragged', 'tiles', 'tokamax']
 #: Every value of an ``impl`` argument.
-Impl = Literal['loop', 'ragged', 'tiles', 'dense', 'auto']
+Impl = Literal['loop', 'ragged', 'tiles', 'tokamax', 'dense', 'auto']
 
 #: The grouped-matmul impls.
 GROUPED_IMPLS: tuple[str, ...] = typing.get_args(GroupedImpl)
@@ -43,6 +46,23 @@ class GroupedImplUnderQuantizerWarning(UserWarning):
   """A grouped experts impl ran where a quantizer intercepts matmuls."""
 
 
+def tokamax_available() -> bool:
+  """Whether the optional ``tokamax`` package can be imported."""
+  if 'tokamax' in sys.modules:  # imported, or blocked with None
+    return sys.modules['tokamax'] is not None
+  return importlib.util.find_spec('tokamax') is not None
+
+
+def require_tokamax() -> None:
+  """Raises ``ImportError`` naming ``pip install tokamax`` without it."""
+  if not tokamax_available():
+    raise ImportError(
+      "MoE: impl='tokamax' runs the experts through tokamax.ragged_dot, but"
+      ' tokamax is not installed; `pip install tokamax` (or flaxact[tokamax]),'
+      " or use impl='auto', 'ragged', 'loop' or 'tiles'."
+    )
+
+
 def check_impl(impl: str) -> str:
   """The normalised impl name.
 
@@ -52,37 +72,75 @@ def check_impl(impl: str) -> str:
   return normalise_choice(impl, IMPLS, 'impl', 'impls')
 
 
-def resolve_impl(impl: str, *, hooked: bool = False) -> str:
-  """The experts impl that ``impl`` means here, at trace time.
-
-  ``'auto'`` is ``'dense'`` when the experts' matmuls must be visible to a
-  quantizer: ``hooked`` (a ``dot_general`` hook is set) or
-  ``jax.lax.dot_general`` intercepted (Qwix); otherwise ``'loop'`` on CPU
-  and ``'ragged'`` on GPU and TPU.
-
-  Args:
-    impl: ``'auto'``, ``'loop'``, ``'tiles'``, ``'ragged'`` or ``'dense'``.
-    hooked: whether a ``dot_general`` hook is set.
+def check_explicit_impl(impl: str, *, hooked: bool) -> None:
+  """Checks an explicit (not ``'auto'``) impl against its environment.
 
   Raises:
-    ValueError: for an unknown impl, or a grouped impl with ``hooked``.
-
-  Warns:
-    GroupedImplUnderQuantizerWarning: a grouped impl given explicitly while
-      ``jax.lax.dot_general`` is intercepted.
+    ValueError: a grouped impl with ``hooked``.
+    ImportError: ``'tokamax'`` without the ``tokamax`` package.
   """
-  impl = check_impl(impl)
-  if impl == 'auto':
-    if hooked or dot_general_intercepted():
-      return 'dense'
-    return 'loop' if jax.default_backend() == 'cpu' else 'ragged'
+  if impl == 'tokamax':
+    require_tokamax()
   if hooked and impl != 'dense':
     raise ValueError(
       f"impl={impl!r} runs the experts in flaxact's grouped matmul, which a"
       " dot_general hook cannot reach; use impl='auto' or 'dense' with"
       ' dot_general/dot_general_cls.'
     )
-  if impl != 'dense' and dot_general_intercepted():
+
+
+def resolve_impl(
+  impl: str, *, hooked: bool = False, quantized: bool = False
+) -> str:
+  """The experts impl that ``impl`` means here, at trace time.
+
+  ``'auto'``:
+
+  - ``'dense'`` when the experts' matmuls must be visible to a quantizer:
+    ``hooked`` (a ``dot_general`` hook is set) or ``jax.lax.dot_general``
+    intercepted (Qwix) while the kernels are still float (QAT, or the
+    calibrating call of ``qwix.quantize_model`` that creates PTQ weights);
+  - with ``quantized`` kernels (Qwix PTQ int8 values and per-expert,
+    per-channel scales, no hook) the grouped impl this backend would pick
+    for float kernels: nothing is left for the quantizer to do, and the
+    grouped impls dequantize one expert's (or tile's) kernel at a time;
+  - ``'loop'`` on CPU: XLA's CPU ``ragged_dot`` is one masked dense matmul
+    per expert (``E`` times the FLOPs), the tile loop is the fastest
+    (``benchmarks/moe.py``);
+  - on GPU and TPU ``'tokamax'`` when the ``tokamax`` package is installed,
+    else ``'ragged'``. The evidence: ``jax.lax.ragged_dot`` lowers to
+    XLA's ragged-dot expander, which on recent NVIDIA GPUs materialises the
+    dense ``(rows, E)`` problem (marin issue #7012 measured 22.6 TFLOP/s
+    for it against about 1,470 TFLOP/s for a grouped-GEMM kernel on the same
+    shapes), while ``tokamax.ragged_dot`` dispatches to Pallas grouped-GEMM
+    kernels (Mosaic GPU / Triton on GPU, Mosaic on TPU) and falls back to
+    XLA where none applies. ``benchmarks/moe.py --impls all`` prints the
+    measured recommendation for the device it runs on.
+
+  Args:
+    impl: ``'auto'``, ``'loop'``, ``'tiles'``, ``'ragged'``, ``'tokamax'``
+      or ``'dense'``.
+    hooked: whether a ``dot_general`` hook is set.
+    quantized: whether the expert kernels are quantized arrays.
+
+  Raises:
+    ValueError: for an unknown impl, or a grouped impl with ``hooked``.
+    ImportError: ``'tokamax'`` without the ``tokamax`` package (the message
+      names ``pip install tokamax``).
+
+  Warns:
+    GroupedImplUnderQuantizerWarning: a grouped impl given explicitly while
+      ``jax.lax.dot_general`` is intercepted and the kernels are float.
+  """
+  impl = check_impl(impl)
+  if impl == 'auto':
+    if hooked or (dot_general_intercepted() and not quantized):
+      return 'dense'
+    if jax.default_backend() == 'cpu':
+      return 'loop'
+    return 'tokamax' if tokamax_available() else 'ragged'
+  check_explicit_impl(impl, hooked=hooked)
+  if impl != 'dense' and not quantized and dot_general_intercepted():
     warnings.warn(
       f'MoE: impl={impl!r} while jax.lax.dot_general is intercepted (Qwix):'
       " the experts' grouped matmul is not a quantization point, so their"
@@ -104,7 +162,8 @@ def transform_impl(impl: str, *arrays: Any) -> tuple[str, bool]:
   autodiff (``jax.jvp``, ``jax.jacfwd``; a ``custom_vjp`` has no JVP) every
   grouped impl runs as ``'tiles'`` differentiated by plain autodiff, and
   under ``vmap`` ``'ragged'`` runs as ``'tiles'`` (``lax.ragged_dot`` has no
-  batching rule for an unbatched kernel). The results are the same.
+  batching rule for an unbatched kernel; ``'tokamax'`` likewise). The
+  results are the same.
 
   Args:
     impl: a resolved impl.
@@ -115,6 +174,6 @@ def transform_impl(impl: str, *arrays: Any) -> tuple[str, bool]:
   found = transforms(*arrays)
   if 'jvp' in found:
     return 'tiles', False
-  if 'batch' in found and impl == 'ragged':
+  if 'batch' in found and impl in ('ragged', 'tokamax'):
     return 'tiles', True
   return impl, True

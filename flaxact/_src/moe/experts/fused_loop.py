@@ -106,7 +106,7 @@ def forward(prod, layout, k, x, w, kernels, biases, precision):
   """
   t, n = x.shape[0], w.shape[0]
   r, h = layout.row_assign.shape[0], kernels[0].shape[-1]
-  like = (x, w, *kernels)
+  like = (x, w, *jax.tree.leaves(kernels))
   carry = (
     gm.varying_zeros((t, kernels[2].shape[-1]), _acc_dtype(x.dtype), *like),
     gm.varying_zeros((r, h), x.dtype, *like),
@@ -133,7 +133,7 @@ def forward(prod, layout, k, x, w, kernels, biases, precision):
 
 def backward(prod, layout, k, x, w, g, u, kernels, biases, dy, precision):
   """``(dx, dw, dkernels, dbiases)`` of :func:`forward`, ``dw`` ``(T * k,)``."""
-  like = (x, w, g, dy, *kernels)
+  like = (x, w, g, dy, *jax.tree.leaves(kernels))
   zeros = lambda a: (
     None if a is None else gm.varying_zeros(a.shape, a.dtype, *like)
   )

@@ -9,6 +9,9 @@ FFN, so every impl runs the same arithmetic in the same order:
   ``ragged_dot_general`` for the weight gradients). The portable grouped
   matmul, lowered to fast grouped kernels on GPU and TPU; on CPU XLA
   computes it as one masked dense matmul per expert (``E`` times the FLOPs).
+- ``'tokamax'``: the same on the unpadded sorted rows, through
+  ``tokamax.ragged_dot`` / ``ragged_dot_general`` (an optional dependency:
+  Pallas grouped-GEMM kernels on GPU and TPU, its XLA path elsewhere).
 - ``'tiles'``: each expert's rows padded to a multiple of ``tile`` rows; one
   batched matmul over the tiles with each tile's expert kernel gathered.
   One big op per matmul; the gathered kernels cost memory traffic.
@@ -22,19 +25,31 @@ FFN, so every impl runs the same arithmetic in the same order:
 
 The backward pass keeps the gate and up pre-activations only and recomputes
 the weighted hidden activation from them.
+
+A kernel may be a :class:`~flaxact._src.moe.experts.quantized.QuantizedKernel`
+(int8 values and per-expert, per-channel scales, a Qwix PTQ model's): each
+operation dequantizes the expert kernels it reads (one expert's in
+``'loop'``, the tiles' gathered int8 in ``'tiles'``); the ragged impls
+dequantize the stacked kernel for the call. Its cotangent is zero.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from flaxact._src.moe.experts import fake_quant
+from flaxact._src.moe.experts.quantized import dense_weight, expert_weight
+
 Array = jax.Array
+#: The impls on unpadded rows (``tile=1`` layouts).
+RAGGED_IMPLS = ('ragged', 'tokamax')
 Product = Callable[[Array, Array], Array]
 
 
@@ -47,6 +62,14 @@ def _dot(a, b, precision, contract=((1,), (0,)), batch=((), ())):
   return jax.lax.dot_general(a, b, (contract, batch), precision=precision)
 
 
+#: ``(rows, in) x (rows, out) -> (E, in, out)``, rows ragged by expert.
+WGRAD_DIMS = jax.lax.RaggedDotDimensionNumbers(
+  dot_dimension_numbers=(((0,), (0,)), ((), ())),
+  lhs_ragged_dimensions=[0],
+  rhs_group_dimensions=[],
+)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _ragged_wgrad(a, b, sizes, precision):
   """``(E, ·, ·)``: ``a_g^T b_g`` over each group ``g`` of sorted rows.
@@ -56,12 +79,9 @@ def _ragged_wgrad(a, b, sizes, precision):
   calls, so the weight gradients of ``'ragged'`` can be differentiated
   again (grad of grad with respect to the kernels).
   """
-  dims = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(((0,), (0,)), ((), ())),
-    lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[],
+  return jax.lax.ragged_dot_general(
+    a, b, sizes, WGRAD_DIMS, precision=precision
   )
-  return jax.lax.ragged_dot_general(a, b, sizes, dims, precision=precision)
 
 
 def _ragged_wgrad_fwd(a, b, sizes, precision):
@@ -88,10 +108,12 @@ class RaggedOps:
   precision: Any
 
   def mm(self, a, w):
-    return jax.lax.ragged_dot(a, w, self.sizes, precision=self.precision)
+    return jax.lax.ragged_dot(
+      a, dense_weight(w), self.sizes, precision=self.precision
+    )
 
   def mm_t(self, a, w):
-    return self.mm(a, jnp.swapaxes(w, 1, 2))
+    return self.mm(a, jnp.swapaxes(dense_weight(w), 1, 2))
 
   def wgrad(self, a, b):
     return _ragged_wgrad(a, b, self.sizes, self.precision)
@@ -105,6 +127,32 @@ class RaggedOps:
     return jax.ops.segment_sum(
       db, self.row_expert, num_experts, indices_are_sorted=True
     )
+
+
+def _tokamax():
+  """The optional ``tokamax`` module (``resolve_impl`` checked it is here)."""
+  return importlib.import_module('tokamax')
+
+
+@dataclasses.dataclass(frozen=True)
+class TokamaxOps(RaggedOps):
+  """:class:`RaggedOps` through ``tokamax.ragged_dot(_general)``."""
+
+  def mm(self, a, w):
+    return _tokamax().ragged_dot(
+      a, dense_weight(w), self.sizes, precision=self.precision
+    )
+
+  def wgrad(self, a, b):
+    return _tokamax().ragged_dot_general(
+      a, b, self.sizes, WGRAD_DIMS, precision=self.precision
+    )
+
+
+def ragged_ops(impl, layout, precision) -> RaggedOps:
+  """The unpadded-rows operations of ``'ragged'`` or ``'tokamax'``."""
+  cls = TokamaxOps if impl == 'tokamax' else RaggedOps
+  return cls(layout.sizes, layout.row_expert, precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +196,7 @@ class DenseOps:
   precision: Any
 
   def _w(self, w):
-    return jax.lax.dynamic_index_in_dim(w, self.expert, keepdims=False)
+    return expert_weight(w, self.expert)
 
   def mm(self, a, w):
     return _dot(a, self._w(w), self.precision)
@@ -177,16 +225,20 @@ def ffn_forward(ops, prod: Product, x, w, kernels, biases):
   ``out = (prod(gate, up) * w) @ down (+ w * down_bias)`` with ``gate`` and
   ``up`` the grouped projections of ``x``; the routing weight ``w`` of each
   row is applied to the hidden activation, so the combine is a plain sum.
+  Under QAT (``prod`` a ``fake_quant.QatProduct``) each matmul's rows are
+  quantized per row first; the backward pass uses the original rows
+  (Qwix's default residuals).
   """
   wg, wu, wd = kernels
   bg, bu, bd = biases
-  g = ops.mm(x, wg)
-  u = ops.mm(x, wu)
+  qg, qu, qd = fake_quant.act_quantizers(prod)  # identity but under QAT
+  g = ops.mm(qg(x), wg)
+  u = ops.mm(qu(x), wu)
   if bg is not None:
     g = g + ops.bias(bg)
   if bu is not None:
     u = u + ops.bias(bu)
-  out = ops.mm(_weighted(prod, g, u, w), wd)
+  out = ops.mm(qd(_weighted(prod, g, u, w)), wd)
   if bd is not None:
     out = out + w[..., None].astype(out.dtype) * ops.bias(bd)
   return out, g, u
@@ -242,9 +294,9 @@ def _rows(a):
 
 
 def grouped_forward(impl, prod, layout, x, w, kernels, biases, precision):
-  """``(out, gate, up)`` over all rows: ``'ragged'`` or ``'tiles'``."""
-  if impl == 'ragged':
-    ops = RaggedOps(layout.sizes, layout.row_expert, precision)
+  """``(out, gate, up)`` over all rows: the ragged impls or ``'tiles'``."""
+  if impl in RAGGED_IMPLS:
+    ops = ragged_ops(impl, layout, precision)
     return ffn_forward(ops, prod, x, w, kernels, biases)
   ops = TileOps(layout.tile_expert, kernels[0].shape[0], precision)
   t = layout.tile
@@ -253,10 +305,10 @@ def grouped_forward(impl, prod, layout, x, w, kernels, biases, precision):
 
 
 def grouped_backward(impl, prod, layout, res, kernels, biases, dout, precision):
-  """``(dx, dw, dkernels, dbiases)`` over all rows: ``'ragged'``/``'tiles'``."""
+  """``(dx, dw, dkernels, dbiases)`` over all rows (not ``'loop'``)."""
   x, w, g, u = res
-  if impl == 'ragged':
-    ops = RaggedOps(layout.sizes, layout.row_expert, precision)
+  if impl in RAGGED_IMPLS:
+    ops = ragged_ops(impl, layout, precision)
     return ffn_backward(ops, prod, x, w, g, u, kernels, biases, dout)
   ops = TileOps(layout.tile_expert, kernels[0].shape[0], precision)
   t = layout.tile

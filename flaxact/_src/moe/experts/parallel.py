@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from flaxact._src.moe import dispatch
 from flaxact._src.moe.experts import exchange as xc
+from flaxact._src.moe.experts import grouped as gm
 
 Array = jax.Array
 
@@ -209,7 +210,7 @@ def expert_parallel_ffn(
     impl=impl,
     prod=gated_product,
     precision=precision,
-    tile=1 if impl == 'ragged' else int(tile_size),
+    tile=1 if impl in gm.RAGGED_IMPLS else int(tile_size),
     lean=lean,
   )
   fn = jax.shard_map(
