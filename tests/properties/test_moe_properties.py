@@ -75,9 +75,15 @@ def test_jit_equals_eager(c, impl):
     (y, aux), (ye, auxe) = (
       mc.ffn_call(c, w, impl=impl, jit=jit) for jit in (True, False)
     )
-  np.testing.assert_allclose(
-    mc.as_f64(ye), mc.as_f64(y), **TOL[np.dtype(c['dtype'])]
+  want = mc.as_f64(y)
+  # half precision: jit may keep fused intermediates in float32 where eager
+  # rounds each one to the dtype: the error model of ref_tol
+  tol = (
+    mc.ref_tol(c['dtype'], want)
+    if c['dtype'] != 'float32'
+    else TOL[np.dtype(np.float32)]
   )
+  np.testing.assert_allclose(mc.as_f64(ye), want, **tol)
   np.testing.assert_array_equal(auxe.experts, aux.experts)
   np.testing.assert_array_equal(auxe.dropped, aux.dropped)
 
