@@ -19,7 +19,7 @@ from tests.properties import profiles
 from tests.properties.moe_configs import IMPLS, configs
 
 
-@profiles.ci_examples(10)
+@profiles.ci_examples(8)
 @given(configs(dtypes=mc.DTYPES))
 def test_every_impl_matches_the_float64_reference(c):
   note(mc.moe_call(c))
@@ -45,7 +45,7 @@ def test_every_impl_matches_the_float64_reference(c):
     assert int(aux_more.dropped_tokens) <= int(aux.dropped_tokens)
 
 
-@profiles.ci_examples(12)
+@profiles.ci_examples(10)
 @given(configs(), st.data())
 def test_dropless_rows_are_independent(c, data):
   c = dict(c, capacity=None, lead=())
