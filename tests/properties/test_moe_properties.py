@@ -19,7 +19,7 @@ from tests.properties import profiles
 from tests.properties.moe_configs import IMPLS, configs
 
 
-@profiles.ci_examples(10)
+@profiles.ci_examples(8)
 @given(configs(dtypes=mc.DTYPES))
 def test_every_impl_matches_the_float64_reference(c):
   note(mc.moe_call(c))
@@ -45,7 +45,7 @@ def test_every_impl_matches_the_float64_reference(c):
     assert int(aux_more.dropped_tokens) <= int(aux.dropped_tokens)
 
 
-@profiles.ci_examples(12)
+@profiles.ci_examples(10)
 @given(configs(), st.data())
 def test_dropless_rows_are_independent(c, data):
   c = dict(c, capacity=None, lead=())
@@ -75,9 +75,15 @@ def test_jit_equals_eager(c, impl):
     (y, aux), (ye, auxe) = (
       mc.ffn_call(c, w, impl=impl, jit=jit) for jit in (True, False)
     )
-  np.testing.assert_allclose(
-    mc.as_f64(ye), mc.as_f64(y), **TOL[np.dtype(c['dtype'])]
+  want = mc.as_f64(y)
+  # half precision: jit may keep fused intermediates in float32 where eager
+  # rounds each one to the dtype: the error model of ref_tol
+  tol = (
+    mc.ref_tol(c['dtype'], want)
+    if c['dtype'] != 'float32'
+    else TOL[np.dtype(np.float32)]
   )
+  np.testing.assert_allclose(mc.as_f64(ye), want, **tol)
   np.testing.assert_array_equal(auxe.experts, aux.experts)
   np.testing.assert_array_equal(auxe.dropped, aux.dropped)
 
