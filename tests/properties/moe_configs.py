@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import flaxact
 from tests import moe_reference as ref
 from tests.helpers import TOL
+from tests.properties.profiles import PROFILE
 
 IMPLS = ('loop', 'tiles', 'ragged', 'dense')
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -28,22 +29,30 @@ GPT_OSS = functools.partial(flaxact.gpt_oss_glu, alpha=1.702, limit=7.0)
 _GPT_OSS_SRC = 'functools.partial(flaxact.gpt_oss_glu, alpha=1.702, limit=7.0)'
 # f32 sums of d*h products against a float64 reference (tests/moe)
 F32_FFN = dict(rtol=2e-5, atol=2e-5)
+# CI draws sizes from small sets (examples share their compilations); the
+# thorough profile adds the issue's full ranges: up to 300 tokens, widths
+# and hidden sizes up to 64, up to 16 experts.
+WIDE = PROFILE == 'thorough'
+EXPERTS = [1, 2, 4, 8, 16] if WIDE else [1, 2, 4, 8]
+WIDTHS = [1, 8, 33, 64] if WIDE else [1, 8]
+HIDDEN = [1, 16, 64] if WIDE else [1, 16]
+MORE_TOKENS = (64, 300) if WIDE else ()
 
 
 @st.composite
 def configs(draw, dtypes=('float32',), shared=False, tokens=(0, 1, 3, 13)):
   """A routed FFN configuration (``shared``: also a shared expert)."""
-  e = draw(st.sampled_from([1, 2, 4, 8]))
+  e = draw(st.sampled_from(EXPERTS))
   k = draw(st.integers(1, e))
   router = draw(st.sampled_from(['softmax', 'sigmoid']))
   groups = None
   if router == 'sigmoid' and e >= 4 and k <= e // 2:
     groups = draw(st.sampled_from([None, (2, 1), (2, 2)]))
   c = dict(
-    t=draw(st.sampled_from(tokens)),
+    t=draw(st.sampled_from((*tokens, *MORE_TOKENS))),
     lead=draw(st.sampled_from([(), (1,)])),
-    d=draw(st.sampled_from([1, 8])),
-    h=draw(st.sampled_from([1, 16])),
+    d=draw(st.sampled_from(WIDTHS)),
+    h=draw(st.sampled_from(HIDDEN)),
     e=e,
     k=k,
     router=router,
