@@ -54,17 +54,22 @@ CHECKPOINT_NAMES = (GATE, UP, HIDDEN, OUT)
 MOE_GATE = dispatch.GATE
 #: Checkpoint name of a ``MoE`` layer's expert up projections.
 MOE_UP = dispatch.UP
+#: Checkpoint name of a ``MoE`` layer's routing results (router logits,
+#: top-k weights and experts, the sorted layout).
+MOE_ROUTING = dispatch.ROUTING
 #: Every checkpoint name a flaxact layer uses (the public
 #: ``flaxact.linen.CHECKPOINT_NAMES`` and ``flaxact.nnx.CHECKPOINT_NAMES``).
-ALL_CHECKPOINT_NAMES = (*CHECKPOINT_NAMES, MOE_GATE, MOE_UP)
+ALL_CHECKPOINT_NAMES = (*CHECKPOINT_NAMES, MOE_GATE, MOE_UP, MOE_ROUTING)
 
 #: What the gated layers save with ``remat=True``.
 GATED_NAMES = (GATE, UP)
 #: What ``FFN`` saves with ``remat=True``.
 FFN_NAMES = (UP,)
 #: What ``MoE`` saves with ``remat=True``: its experts' and its shared
-#: expert's gate and up pre-activations.
-MOE_NAMES = (MOE_GATE, MOE_UP, GATE, UP)
+#: expert's gate and up pre-activations, and the routing results (small:
+#: ``(T, E)`` logits and integer layout arrays), so the backward pass does
+#: not run the router and the sort again.
+MOE_NAMES = (MOE_GATE, MOE_UP, MOE_ROUTING, GATE, UP)
 
 
 @functools.cache

@@ -118,7 +118,9 @@ class MoE(LayerBase):
 
   With ``remat=True`` the backward pass keeps two ``(T·k, hidden)`` arrays
   (the experts' gate and up pre-activations, ``'moe_gate'``/``'moe_up'``;
-  ``(E, rows, hidden)`` with ``'dense'``) plus the shared expert's two. Under
+  ``(E, rows, hidden)`` with ``'dense'``), the small routing results
+  (``'moe_routing'``: router logits, top-k weights and experts, the sorted
+  layout) and the shared expert's two. Under
   a mesh whose logical axis rules map ``'exp'`` to a mesh axis
   (:data:`EXPERT_PARALLEL_RULES`), the grouped impls run expert-parallel
   (``'dense'`` leaves the partitioning to ``jit``): tokens move to the

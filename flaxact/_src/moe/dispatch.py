@@ -42,6 +42,11 @@ Array = jax.Array
 GATE = 'moe_gate'
 #: Checkpoint name of the experts' up projections, ``(rows, hidden)``.
 UP = 'moe_up'
+#: Checkpoint name of the routing results: the router logits ``(T, E)``,
+#: the top-k weights and experts ``(T, k)`` and the sorted layout's integer
+#: arrays (the ``MoE`` layers save them so that their remat does not run the
+#: router and the sort again in the backward pass).
+ROUTING = 'moe_routing'
 #: The ``jax.checkpoint`` policy that keeps only the two of them.
 MOE_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(GATE, UP)
 

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from flaxact._src.moe import dispatch
 from flaxact._src.moe.experts import dense
@@ -186,6 +187,11 @@ class Routed(NamedTuple):
     )
 
 
+def _saved(tree):
+  """``tree`` tagged :data:`~flaxact._src.moe.dispatch.ROUTING`."""
+  return jax.tree.map(lambda a: checkpoint_name(a, dispatch.ROUTING), tree)
+
+
 def route(
   logits: Array,
   settings: RoutingSettings,
@@ -214,7 +220,8 @@ def route(
     with ``capacity_factor`` the drops are those of one device (each
     expert keeps its first ``capacity`` assignments in global token order).
   """
-  weights, experts = settings.top_k(logits, score_correction_bias)
+  logits = _saved(logits)
+  weights, experts = _saved(settings.top_k(logits, score_correction_bias))
   t, k = experts.shape
   e = logits.shape[-1]
   capacity = settings.capacity(tokens=t, num_experts=e)
@@ -236,7 +243,7 @@ def route(
   if mesh is not None:
     return done(none, None)
   tile = 1 if impl in RAGGED_IMPLS else int(settings.tile_size)
-  layout = dispatch.make_layout(routed, e, tile, capacity)
+  layout = _saved(dispatch.make_layout(routed, e, tile, capacity))
   dropped = layout.dropped  # the sentinel E counts as dropped there
   if token_mask is not None:
     dropped = dropped & token_mask[:, None]

@@ -121,11 +121,12 @@ class MoE(LayerBase):
   of the grouped impls (with ``capacity_factor=c`` each expert computes its
   capacity slots only: about ``c`` times). With ``remat=True`` the
   backward pass keeps two ``(T·k, hidden)`` arrays (``'moe_gate'``,
-  ``'moe_up'``; ``(E, rows, hidden)`` with ``'dense'``) plus the shared
-  expert's two. Under a mesh whose logical axis rules map ``'exp'`` to a
-  mesh axis (:data:`EXPERT_PARALLEL_RULES`), the grouped impls run
-  expert-parallel with all-to-all, and ``'dense'`` leaves the
-  partitioning to ``jit``; no expert kernel is gathered.
+  ``'moe_up'``; ``(E, rows, hidden)`` with ``'dense'``), the small routing
+  results (``'moe_routing'``: router logits, top-k weights and experts, the
+  sorted layout) and the shared expert's two. Under a mesh whose logical
+  axis rules map ``'exp'`` to a mesh axis (:data:`EXPERT_PARALLEL_RULES`),
+  the grouped impls run expert-parallel with all-to-all, and ``'dense'``
+  leaves the partitioning to ``jit``; no expert kernel is gathered.
 
   Args:
     in_features: the input width (``'embed'``).
@@ -186,8 +187,9 @@ class MoE(LayerBase):
       it to ``True``.
     remat: memory-lean backward (``nnx.remat`` with a policy that saves
       only the experts' gate and up pre-activations, ``'moe_gate'`` and
-      ``'moe_up'``, and the shared expert's, ``'ffn_gate'`` and
-      ``'ffn_up'``; everything else is recomputed).
+      ``'moe_up'``, the routing results, ``'moe_routing'``, and the shared
+      expert's, ``'ffn_gate'`` and ``'ffn_up'``; everything else is
+      recomputed).
     record_intermediates: also record the auxiliary outputs outside
       ``nnx.capture``, as ``nnx.Intermediate`` attributes of the layer (what
       ``nnx.bridge.to_linen`` returns under ``mutable=['intermediates']``).
