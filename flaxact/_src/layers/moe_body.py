@@ -28,10 +28,11 @@ from flaxact._src.common.interception import (
   without_qwix_interception,
 )
 from flaxact._src.layers import ffn_body
-from flaxact._src.moe import api, routing_step
+from flaxact._src.moe import routing_step
 from flaxact._src.moe.experts import fake_quant
 from flaxact._src.moe.experts import quantized as quantized_kernels
 from flaxact._src.moe.experts.api import resolve_impl, transform_impl
+from flaxact._src.moe.routed import routed_experts
 from flaxact._src.moe.settings import RoutingSettings
 
 Array = jax.Array
@@ -209,8 +210,9 @@ def routed(
   With impl ``'dense'`` (also what ``'auto'`` means under a ``dot_general``
   hook or a Qwix interception of float kernels) each expert projection runs
   inside its own module, so a quantizer sees the matmul with the module's
-  kernel; otherwise the promoted kernels go to :func:`api.routed_experts`'
-  grouped matmul. Quantized kernels (a Qwix PTQ model's int8 values and
+  kernel; otherwise the promoted kernels go to the grouped matmul of
+  :func:`~flaxact._src.moe.routed.routed_experts`.
+  Quantized kernels (a Qwix PTQ model's int8 values and
   per-expert, per-channel scales) go to the grouped matmul too under
   ``'auto'`` (one device), which dequantizes one expert's kernel at a time;
   so do float kernels under Qwix QAT rules with default options (each
@@ -279,7 +281,7 @@ def routed(
     projections = tuple(functools.partial(p, dtype=x.dtype) for p in experts)
     y = r.dense_ffn(tokens, projections, product)
   else:
-    run = api.routed_experts
+    run = routed_experts
     if own:  # no Qwix rule may quantize the grouped matmuls again
       run = without_qwix_interception(run)
     y, r = run(
