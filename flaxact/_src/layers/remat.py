@@ -14,12 +14,14 @@ recompute them by name:
 - ``'ffn_out'``: the layer output ``down_proj(...)``;
 - ``'moe_gate'``, ``'moe_up'``: a ``MoE`` layer's expert gate and up
   pre-activations, ``(rows, hidden_features)``.
+- ``'moe_routing'``: a ``MoE`` layer's routing results (router logits
+  ``(T, E)``, top-k weights and experts, the sorted layout's integers).
 
 Memory-lean backward. With ``remat=True`` (the default) the layer body runs
 under a checkpoint (``nn.checkpoint`` in Linen, ``nnx.remat`` in NNX) with a
 policy that saves only ``'ffn_gate'`` and ``'ffn_up'`` (only ``'ffn_up'`` for
-``FFN``; ``'moe_gate'``, ``'moe_up'`` and the shared expert's two for
-``MoE``): the backward pass keeps two hidden-sized arrays per gated layer and
+``FFN``; ``'moe_gate'``, ``'moe_up'``, ``'moe_routing'`` and the shared
+expert's two for ``MoE``): the backward pass keeps two hidden-sized arrays per gated layer and
 recomputes the element-wise gated product, never a matmul. Autodiff of a
 hand-written gated FFN keeps six. Each layer class states the names it saves
 (``remat_names``); :func:`save_only` is the one way to make the policy.
@@ -27,7 +29,8 @@ hand-written gated FFN keeps six. Each layer class states the names it saves
 Examples:
   >>> from flaxact._src.layers import remat
   >>> remat.ALL_CHECKPOINT_NAMES
-  ('ffn_gate', 'ffn_up', 'ffn_hidden', 'ffn_out', 'moe_gate', 'moe_up')
+  ('ffn_gate', 'ffn_up', 'ffn_hidden', 'ffn_out', 'moe_gate', 'moe_up',
+   'moe_routing')
 """
 
 from __future__ import annotations
