@@ -11,13 +11,12 @@ shared-expert kernel, and export for TPU and CUDA.
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 
 import pytest
 
 from tests import moe_ep_layer_cases as cases
-from tests.multidevice import run_on_simulated_devices
+from tests.multidevice import json_report
 
 NAMES = [
   f'{framework}_{config}_{stack}'
@@ -29,11 +28,7 @@ NAMES = [
 
 @functools.cache
 def _report(stack: str) -> dict:
-  done = run_on_simulated_devices(
-    pathlib.Path(cases.__file__), stack, timeout=1200
-  )
-  assert done.returncode == 0, done.stderr[-5000:]
-  return json.loads(done.stdout)
+  return json_report(pathlib.Path(cases.__file__), stack, timeout=1200)
 
 
 @pytest.mark.parametrize('name', NAMES)

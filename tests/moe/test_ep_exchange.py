@@ -26,7 +26,6 @@ from tests import ep_exchange_cases as cases
 from tests.multidevice import json_report
 
 MESHES = tuple(cases.MESHES)
-IMPLS = ('loop', 'tiles', 'ragged', 'dense')
 
 
 @functools.cache
@@ -45,8 +44,10 @@ def test_budget_drops_past_the_budget_in_token_order(mesh):
   assert _result(f'budget_{mesh}') == []
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-@pytest.mark.parametrize('mesh', MESHES)
+@pytest.mark.parametrize(
+  ('mesh', 'impl'),
+  [(m, i) for m, impls in cases.CAPACITY_IMPLS.items() for i in impls],
+)
 def test_capacity_factor_on_a_mesh_drops_as_one_device(mesh, impl):
   assert _result(f'capacity_{mesh}_{impl}') == []
 
