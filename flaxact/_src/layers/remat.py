@@ -21,8 +21,9 @@ Memory-lean backward. With ``remat=True`` (the default) the layer body runs
 under a checkpoint (``nn.checkpoint`` in Linen, ``nnx.remat`` in NNX) with a
 policy that saves only ``'ffn_gate'`` and ``'ffn_up'`` (only ``'ffn_up'`` for
 ``FFN``; ``'moe_gate'``, ``'moe_up'``, ``'moe_routing'`` and the shared
-expert's two for ``MoE``): the backward pass keeps two hidden-sized arrays per gated layer and
-recomputes the element-wise gated product, never a matmul. Autodiff of a
+expert's two for ``MoE``): the backward pass keeps two hidden-sized arrays
+per gated layer and recomputes the element-wise gated product, never a
+matmul. Autodiff of a
 hand-written gated FFN keeps six. Each layer class states the names it saves
 (``remat_names``); :func:`save_only` is the one way to make the policy.
 
