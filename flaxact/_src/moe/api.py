@@ -190,7 +190,7 @@ def moe_ffn(
       same result. ``'auto'``: ``'dense'`` with a ``dot_general`` hook or
       while ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'``
       on CPU and ``'tokamax'`` (when installed) or ``'ragged'`` on GPU/TPU
-      (see :func:`flaxact._src.moe.experts.api.resolve_impl`).
+      (why: the Quantized experts and kernel backends page).
     tile_size: rows per tile of ``'loop'`` and ``'tiles'``.
     precision: matmul precision.
     dot_general: replaces :func:`jax.lax.dot_general` in the router and the
