@@ -41,6 +41,72 @@ def _state_writable(module: nnx.Module) -> bool:
 _DROPOUT_ATTRS = ('dropout_broadcast_dims', 'deterministic', 'rngs')
 
 
+def keep_stream(rngs: nnx.Rngs, rate: float) -> nnx.RngStream | None:
+  """The ``'dropout'`` (or ``'default'``) stream forked, when ``rate > 0``.
+
+  What a layer keeps at construction for its training-mode randomness
+  (dropout, the ``MoE`` router's jitter noise).
+  """
+  if not rate:
+    return None
+  try:
+    return rngs['dropout'].fork()
+  except KeyError:
+    return None
+
+
+def training_key(
+  layer: Any,
+  what: str,
+  option: str,
+  rate: float,
+  deterministic: bool | None,
+  rngs: Any,
+) -> Array | None:
+  """The key of this call's training-mode randomness, or ``None``.
+
+  As ``nnx.Dropout``: none when ``rate`` is 0 or the call is deterministic
+  (the call's ``deterministic``, else the layer's attribute); otherwise a
+  key from ``rngs`` given at the call (``nnx.Rngs``, ``RngStream`` or key)
+  or from the stream the layer kept (``layer.rngs``).
+
+  Raises:
+    ValueError: in training mode without an rng; the message names
+      ``what`` and ``option=rate``.
+  """
+  if not rate:
+    return None
+  if deterministic is None:
+    deterministic = layer.deterministic
+  if deterministic:
+    return None
+  given = rngs
+  if rngs is None:
+    rngs = layer.rngs
+  if isinstance(rngs, nnx.Rngs):
+    try:
+      rngs = rngs['dropout']
+    except KeyError:
+      rngs = None
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  if isinstance(rngs, jax.Array):
+    return rngs
+  if given is None:
+    got = 'no rngs at the call and no dropout stream kept from construction'
+  elif isinstance(given, nnx.Rngs):
+    got = f"an nnx.Rngs without a 'dropout' or 'default' stream: {given!r}"
+  else:
+    got = f'{type(given).__name__} {given!r}'
+  raise ValueError(
+    f'{type(layer).__name__}: {what} in training mode (deterministic=False,'
+    f' {option}={rate}) needs an rng: construct the layer'
+    ' with rngs=nnx.Rngs(params=..., dropout=...) or pass rngs= (an'
+    f' nnx.Rngs, RngStream or key) to the call; got {got}. For inference'
+    ' use deterministic=True or layer.eval().'
+  )
+
+
 class LayerBase(nnx.Module):
   """Widths, activation, dtype, remat and ``repr`` shared by the NNX layers.
 
@@ -204,13 +270,7 @@ class FFNBase(LayerBase):
     )
     self.deterministic = deterministic
     self.activations_in_float32 = activations_in_float32
-    stream = None
-    if self.dropout_rate > 0:
-      try:
-        stream = rngs['dropout'].fork()
-      except KeyError:
-        stream = None
-    self.rngs = nnx.data(stream)
+    self.rngs = nnx.data(keep_stream(rngs, self.dropout_rate))
 
   def dtypes(self, x: Array) -> tuple[np.dtype, np.dtype | None]:
     """``(compute dtype, hidden projections' matmul output dtype)``."""
@@ -225,36 +285,8 @@ class FFNBase(LayerBase):
     Raises:
       ValueError: for dropout in training mode without an rng.
     """
-    if self.dropout_rate == 0.0:
-      return None
-    if deterministic is None:
-      deterministic = self.deterministic
-    if deterministic:
-      return None
-    given = rngs
-    if rngs is None:
-      rngs = self.rngs
-    if isinstance(rngs, nnx.Rngs):
-      try:
-        rngs = rngs['dropout']
-      except KeyError:
-        rngs = None
-    if isinstance(rngs, nnx.RngStream):
-      return rngs()
-    if isinstance(rngs, jax.Array):
-      return rngs
-    if given is None:
-      got = 'no rngs at the call and no dropout stream kept from construction'
-    elif isinstance(given, nnx.Rngs):
-      got = f"an nnx.Rngs without a 'dropout' or 'default' stream: {given!r}"
-    else:
-      got = f'{type(given).__name__} {given!r}'
-    raise ValueError(
-      f'{type(self).__name__}: dropout in training mode (deterministic=False,'
-      f' dropout_rate={self.dropout_rate}) needs an rng: construct the layer'
-      ' with rngs=nnx.Rngs(params=..., dropout=...) or pass rngs= (an'
-      f' nnx.Rngs, RngStream or key) to the call; got {got}. For inference'
-      ' use deterministic=True or layer.eval().'
+    return training_key(
+      self, 'dropout', 'dropout_rate', self.dropout_rate, deterministic, rngs
     )
 
   def __nnx_repr__(self):

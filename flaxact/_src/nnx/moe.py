@@ -50,7 +50,7 @@ from flaxact._src.moe.experts.api import Impl
 from flaxact._src.moe.jitter import check_jitter, jitter
 from flaxact._src.moe.settings import Router, RoutingSettings
 from flaxact._src.moe.token_mask import check_token_mask
-from flaxact._src.nnx import experts, router_noise
+from flaxact._src.nnx import base, experts, router_noise
 from flaxact._src.nnx.base import LayerBase
 from flaxact._src.nnx.gated import GatedFFN
 from flaxact._src.nnx.projection import (
@@ -325,9 +325,7 @@ class MoE(LayerBase):
     )
     # After the weights: with or without noise, the same seed gives the
     # same weights.
-    self.rngs = nnx.data(
-      router_noise.keep_stream(rngs, self.router_jitter_noise)
-    )
+    self.rngs = nnx.data(base.keep_stream(rngs, self.router_jitter_noise))
 
   def _build(self, options, router_use_bias, rngs) -> None:
     d, e = self.in_features, self.num_experts
