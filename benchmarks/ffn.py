@@ -13,8 +13,13 @@ Compares, in one run and per dtype, flaxact's ``SwiGLU`` against
 for a single layer and for an 8-layer ``nn.scan`` / ``nnx.scan`` stack with
 residual connections. A train step is ``jax.grad`` of ``mean(y**2)`` with
 respect to the parameters and the input. Times are the minimum over
-``--repeats`` interleaved runs (the machine is shared and noisy); memory is
+``--repeats`` interleaved rounds (order shuffled each round), medians and
+minima reported, ratios of medians (ratios of minima beside them); memory is
 ``compiled.memory_analysis().temp_size_in_bytes``, which is deterministic.
+The load average is read before and after (``benchmarks/timing.py``): above
+``--max-load`` the script refuses to run unless ``--allow-busy``. This
+process never imports torch: the eager column runs in a child process after
+the JAX rounds.
 
 Usage::
 
@@ -30,9 +35,9 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
+
+from benchmarks.timing import add_load_args, check_quiet, finish_load, rounds
 
 GOALS = {
   'stack_memory': 0.45,  # flaxact / hand-written, 8-layer stack, at most
@@ -49,7 +54,7 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument('--hidden', type=int, default=2816)
   p.add_argument('--layers', type=int, default=8)
   p.add_argument('--dtypes', default='float32,bfloat16')
-  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--repeats', type=int, default=5)
   p.add_argument(
     '--quick', action='store_true', help='T=256, d=128, h=352, 2 repeats'
   )
@@ -62,16 +67,11 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--no-qat', action='store_true', help='skip the Qwix int8 QAT rows'
   )
+  add_load_args(p)
   a = p.parse_args(argv)
   if a.quick:
     a.tokens, a.embed, a.hidden, a.repeats = 256, 128, 352, 2
   return a
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
 
 
 # ---------------------------------------------------------------------------
@@ -79,7 +79,8 @@ def _timed(fn: Callable[[], Any]) -> float:
 # ---------------------------------------------------------------------------
 
 
-def _torch_times(a: argparse.Namespace) -> dict[str, float] | None:
+def _torch_times(a: argparse.Namespace) -> dict[str, list[float]] | None:
+  """``{dtype: [seconds per step]}`` from the eager worker, or None."""
   if a.no_torch:
     return None
   argv = [
@@ -87,12 +88,13 @@ def _torch_times(a: argparse.Namespace) -> dict[str, float] | None:
     f'--embed={a.embed}',
     f'--hidden={a.hidden}',
     f'--dtypes={a.dtypes}',
+    f'--repeats={a.repeats}',
   ]
   python = a.torch_python
   if python is None:
-    try:
-      import torch  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec('torch') is None:
       return None
     python = sys.executable
   worker = os.path.join(os.path.dirname(__file__), 'torch_eager_ffn.py')
@@ -241,21 +243,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
   dtypes = a.dtypes.split(',')
   built = {dt: build(a, dt) for dt in dtypes}
-  times: dict[str, dict[str, float]] = {
-    dt: dict.fromkeys(built[dt], float('inf')) for dt in dtypes
+  fns = {
+    f'{dt}/{name}': (lambda c=compiled, a=args: jax.block_until_ready(c(*a)))
+    for dt in dtypes
+    for name, (compiled, args, _) in built[dt].items()
   }
-  torch_times: dict[str, float] | None = None
-  for _ in range(a.repeats):
-    for dt in dtypes:
-      for name, (compiled, args, _) in built[dt].items():
-        t = _timed(lambda c=compiled, a=args: jax.block_until_ready(c(*a)))
-        times[dt][name] = min(times[dt][name], t)
-    tt = _torch_times(a)
-    if tt is not None:
-      torch_times = {
-        k: min(v, (torch_times or {}).get(k, float('inf')))
-        for k, v in tt.items()
-      }
+  timed = rounds(fns, a.repeats)  # ms: (median, min, max)
+  torch_times = _torch_times(a)  # after the JAX rounds, in a child process
   figures: dict[str, Any] = {
     'config': {
       'tokens': a.tokens,
@@ -268,26 +262,33 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     },
     'goals': GOALS,
   }
+  pairs = {
+    'single_time_vs_hand': ('single_ours', 'single_hand'),
+    'single_vs_matmul': ('single_ours', 'single_matmuls'),
+    'linen_stack_time': ('linen_stack_ours', 'linen_stack_hand'),
+    'nnx_stack_time': ('nnx_stack_ours', 'nnx_stack_hand'),
+    'qat_time_vs_float': ('single_qat', 'single_ours'),
+  }
   for dt in dtypes:
-    t = times[dt]
+    med = {n: timed[f'{dt}/{n}'][0] / 1e3 for n in built[dt]}
+    low = {n: timed[f'{dt}/{n}'][1] / 1e3 for n in built[dt]}
     mem = {name: built[dt][name][2] for name in built[dt]}
-    r = {
-      'time_s': t,
-      'temp_bytes': mem,
-      'single_time_vs_hand': t['single_ours'] / t['single_hand'],
-      'single_vs_matmul': t['single_ours'] / t['single_matmuls'],
-      'single_memory_vs_hand': mem['single_ours'] / mem['single_hand'],
-      'linen_stack_time': t['linen_stack_ours'] / t['linen_stack_hand'],
-      'linen_stack_memory': mem['linen_stack_ours'] / mem['linen_stack_hand'],
-      'nnx_stack_time': t['nnx_stack_ours'] / t['nnx_stack_hand'],
-      'nnx_stack_memory': mem['nnx_stack_ours'] / mem['nnx_stack_hand'],
-    }
-    if 'single_qat' in t:
-      r['qat_time_vs_float'] = t['single_qat'] / t['single_ours']
+    r: dict[str, Any] = {'time_s': med, 'min_time_s': low, 'temp_bytes': mem}
+    for key, (num, den) in pairs.items():
+      if num in med:
+        r[key] = med[num] / med[den]
+        r[key + '_min'] = low[num] / low[den]
+    r['single_memory_vs_hand'] = mem['single_ours'] / mem['single_hand']
+    for kind in ('linen', 'nnx'):
+      ours, hand = mem[f'{kind}_stack_ours'], mem[f'{kind}_stack_hand']
+      r[f'{kind}_stack_memory'] = ours / hand
+    if 'single_qat' in mem:
       r['qat_memory_vs_float'] = mem['single_qat'] / mem['single_ours']
     if torch_times is not None and dt in torch_times:
-      r['torch_eager_s'] = torch_times[dt]
-      r['torch_speedup'] = torch_times[dt] / t['single_ours']
+      steps = sorted(torch_times[dt])
+      r['torch_eager_s'] = steps[len(steps) // 2]
+      r['torch_speedup'] = r['torch_eager_s'] / med['single_ours']
+      r['torch_speedup_min'] = steps[0] / low['single_ours']
     figures[dt] = r
   return figures
 
@@ -297,7 +298,8 @@ def table(f: dict[str, Any]) -> str:
   c = f['config']
   lines = [
     f'T={c["tokens"]} tokens, d={c["embed"]}, hidden={c["hidden"]},'
-    f' {c["layers"]}-layer stacks; min of {c["repeats"]} interleaved runs.',
+    f' {c["layers"]}-layer stacks; medians of {c["repeats"]} interleaved'
+    ' rounds (ratio of minima in brackets).',
     '',
     '| dtype | measure | flaxact | baseline | ratio | goal |',
     '|---|---|---|---|---|---|',
@@ -309,24 +311,27 @@ def table(f: dict[str, Any]) -> str:
     t, m = r['time_s'], r['temp_bytes']
     rows = [
       ('single layer time vs hand-written', t['single_ours'],
-       t['single_hand'], r['single_time_vs_hand'], '', 's'),
+       t['single_hand'], r['single_time_vs_hand'], '', 's',
+       r['single_time_vs_hand_min']),
       ('single layer time vs 9 matmuls', t['single_ours'],
-       t['single_matmuls'], r['single_vs_matmul'], '<= 1.10', 's'),
+       t['single_matmuls'], r['single_vs_matmul'], '<= 1.10', 's',
+       r['single_vs_matmul_min']),
       ('single layer temp memory', m['single_ours'] / mib,
        m['single_hand'] / mib, r['single_memory_vs_hand'], '', 'MiB'),
       ('8-layer nn.scan time', t['linen_stack_ours'], t['linen_stack_hand'],
-       r['linen_stack_time'], '<= 0.75', 's'),
+       r['linen_stack_time'], '<= 0.75', 's', r['linen_stack_time_min']),
       ('8-layer nn.scan temp memory', m['linen_stack_ours'] / mib,
        m['linen_stack_hand'] / mib, r['linen_stack_memory'], '<= 0.45', 'MiB'),
       ('8-layer nnx.scan time', t['nnx_stack_ours'], t['nnx_stack_hand'],
-       r['nnx_stack_time'], '<= 0.75', 's'),
+       r['nnx_stack_time'], '<= 0.75', 's', r['nnx_stack_time_min']),
       ('8-layer nnx.scan temp memory', m['nnx_stack_ours'] / mib,
        m['nnx_stack_hand'] / mib, r['nnx_stack_memory'], '<= 0.45', 'MiB'),
     ]  # fmt: skip
     if 'qat_time_vs_float' in r:
       rows += [
         ('Qwix int8 QAT step time vs float', t['single_qat'],
-         t['single_ours'], r['qat_time_vs_float'], '', 's'),
+         t['single_ours'], r['qat_time_vs_float'], '', 's',
+         r['qat_time_vs_float_min']),
         ('Qwix int8 QAT temp memory vs float', m['single_qat'] / mib,
          m['single_ours'] / mib, r['qat_memory_vs_float'], '', 'MiB'),
       ]  # fmt: skip
@@ -334,19 +339,24 @@ def table(f: dict[str, Any]) -> str:
       rows.append((
         'single layer time vs PyTorch eager', t['single_ours'],
         r['torch_eager_s'], 1 / r['torch_speedup'], '<= 0.67 (1.5x)', 's',
+        1 / r['torch_speedup_min'],
       ))  # fmt: skip
-    for name, ours, base, ratio, goal, unit in rows:
+    for name, ours, base, ratio, goal, unit, *low in rows:
+      spread = f' [{low[0]:.2f}x]' if low else ''
       lines.append(
         f'| {dt} | {name} | {ours:.4g} {unit} | {base:.4g} {unit} |'
-        f' {ratio:.2f}x | {goal} |'
+        f' {ratio:.2f}x{spread} | {goal} |'
       )
   return '\n'.join(lines)
 
 
 def main(argv=None) -> None:
   a = _args(argv)
+  load = check_quiet(a)
   figures = run(a)
   print(table(figures))
+  print(finish_load(load))
+  figures['load'] = load
   if a.json:
     with open(a.json, 'w') as fh:
       json.dump(figures, fh, indent=2)

@@ -56,10 +56,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
-import time
+
+from benchmarks.timing import (
+  add_load_args,
+  check_quiet,
+  finish_load,
+  rounds,
+)
 
 SHAPES = {  # name: (tokens, d, experts, k, hidden)
   'coarse': (4096, 512, 8, 2, 1024),
@@ -107,17 +112,7 @@ def _args(argv=None):
     action='store_true',
     help='skip the MoE layer train-step rows (float loop/dense, Qwix QAT)',
   )
-  p.add_argument(
-    '--max-load',
-    type=float,
-    default=None,
-    help='refuse above this 1-minute load average (default 0.5 per core)',
-  )
-  p.add_argument(
-    '--allow-busy',
-    action='store_true',
-    help='run above --max-load anyway; figures are marked as under load',
-  )
+  add_load_args(p)
   p.add_argument('--torch-worker', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--ep', action='store_true', help='expert-parallel bytes')
   a = p.parse_args(argv)
@@ -131,65 +126,6 @@ def _args(argv=None):
   if a.quick:
     a.repeats = 2
   return a
-
-
-def loadavg() -> tuple[float, float, float]:
-  """The 1, 5 and 15-minute load averages (zeros where unknown)."""
-  try:
-    with open('/proc/loadavg') as f:
-      parts = f.read().split()
-    return (float(parts[0]), float(parts[1]), float(parts[2]))
-  except (OSError, ValueError, IndexError):
-    return (0.0, 0.0, 0.0)
-
-
-def check_quiet(a) -> dict:
-  """Refuses (exits non-zero) above ``--max-load`` unless ``--allow-busy``."""
-  cores = os.cpu_count() or 1
-  limit = a.max_load if a.max_load is not None else 0.5 * cores
-  before = loadavg()
-  busy = before[0] > limit
-  if busy and not a.allow_busy:
-    sys.exit(
-      f'load average {before[0]:.2f} is above {limit:.2f} ({cores} cores):'
-      ' timings would not be publishable. Wait for a quiet machine, or pass'
-      ' --allow-busy to run anyway (figures marked as under load).'
-    )
-  if busy:
-    print(
-      f'WARNING: load average {before[0]:.2f} > {limit:.2f}: these figures'
-      ' are taken under load and must not be published.',
-      file=sys.stderr,
-    )
-  return {'cores': cores, 'limit': limit, 'before': before}
-
-
-def _median(ts):
-  ts = sorted(ts)
-  return ts[len(ts) // 2]
-
-
-def _rounds(fns, repeats):
-  """Median, min and max ms per row over ``repeats`` interleaved rounds.
-
-  Each round runs every row once in an order shuffled with a fixed seed, so
-  that no row always follows the same neighbour (a row right after one that
-  allocates a lot of memory can pay for it).
-  """
-  times = {name: [] for name in fns}
-  order = list(fns)
-  rng = random.Random(0)
-  for _ in range(repeats):
-    rng.shuffle(order)
-    for name in order:
-      fn = fns[name]
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
-  return {
-    n: (1e3 * _median(ts), 1e3 * min(ts), 1e3 * max(ts))
-    for n, ts in times.items()
-  }
 
 
 def jax_cases(shape, a):
@@ -343,7 +279,7 @@ def _layer_results(a):
     name: lambda c=c, args=args: jax.block_until_ready(c(*args))
     for name, (c, args, _) in built.items()
   }
-  times = _rounds(fns, a.repeats)
+  times = rounds(fns, a.repeats)
   temp = {name: b[2] for name, b in built.items()}
   return {
     'shape': dict(
@@ -442,7 +378,7 @@ def torch_worker(a):
         print(f'skipping {impl}: {err}', file=sys.stderr)
         continue
       fns[f'hf_{impl}'] = step
-    results[name] = _rounds(fns, a.repeats)
+    results[name] = rounds(fns, a.repeats)
   return results
 
 
@@ -566,7 +502,7 @@ def main(argv=None):
   results = {'backend': jax.default_backend(), 'shapes': {}, 'temp_bytes': {}}
   for name in a.shape_names:
     fns, temp = jax_cases(a.shape_table[name], a)
-    results['shapes'][name] = _rounds(fns, a.repeats)
+    results['shapes'][name] = rounds(fns, a.repeats)
     results['temp_bytes'][name] = temp
   if 'torch' in sys.modules:
     raise RuntimeError('torch was imported into the JAX process')
@@ -580,16 +516,9 @@ def main(argv=None):
   if not a.no_layer:
     _print_layer(results['layer'], a.repeats)
   results['torch'] = torch_res
-  load['after'] = loadavg()
-  # The run's own threads raise the 1-minute average it ends with: only the
-  # reading before the run can tell whether the machine was quiet.
-  load['busy'] = load['before'][0] > load['limit']
+  line = finish_load(load)
   results['load'] = load
-  print(
-    f'load average before {load["before"][0]:.2f}, after'
-    f' {load["after"][0]:.2f} (this run included; {load["cores"]} cores)'
-    + ('  UNDER LOAD: not publishable' if load['busy'] else '')
-  )
+  print(line)
   if a.json:
     with open(a.json, 'w') as f:
       json.dump(results, f, indent=1)

@@ -41,7 +41,7 @@ import argparse
 import json
 import sys
 
-from benchmarks.moe import _rounds, check_quiet, loadavg
+from benchmarks.timing import add_load_args, check_quiet, finish_load, rounds
 
 SHAPE = '2048,256,512,8,2'  # tokens, d, hidden, experts, k
 QUICK = '128,32,64,4,2'
@@ -58,8 +58,7 @@ def _args(argv=None):
   p.add_argument('--repeats', type=int, default=7)
   p.add_argument('--quick', action='store_true', help='tiny shape, 2 rounds')
   p.add_argument('--json', help='write all figures to this path')
-  p.add_argument('--max-load', type=float, default=None)
-  p.add_argument('--allow-busy', action='store_true')
+  add_load_args(p)
   a = p.parse_args(argv)
   a.shape = tuple(
     int(n) for n in (a.shape or (QUICK if a.quick else SHAPE)).split(',')
@@ -185,7 +184,7 @@ def measure(framework, shape, repeats):
     temp[name] = c.memory_analysis().temp_size_in_bytes
     outs[name] = jax.block_until_ready(c(*args))  # warm up
     compiled[name] = lambda c=c, args=args: jax.block_until_ready(c(*args))
-  times = _rounds(compiled, repeats)
+  times = rounds(compiled, repeats)
   y, y_dense = outs['ptq_fwd'], outs['ptq_dense_fwd']
   diff = jnp.max(jnp.abs(y - y_dense)) / jnp.max(jnp.abs(y_dense))
   med = {name: t[0] for name, t in times.items()}
@@ -244,14 +243,9 @@ def main(argv=None):
       sys.exit(f"--frameworks takes 'linen' and 'nnx'; got {fw!r}")
     results['frameworks'][fw] = measure(fw, a.shape, a.repeats)
   _print(results, a)
-  load['after'] = loadavg()
-  load['busy'] = load['before'][0] > load['limit']
+  line = finish_load(load)
   results['load'] = load
-  print(
-    f'load average before {load["before"][0]:.2f}, after'
-    f' {load["after"][0]:.2f} (this run included; {load["cores"]} cores)'
-    + ('  UNDER LOAD: not publishable' if load['busy'] else '')
-  )
+  print(line)
   if a.json:
     with open(a.json, 'w') as f:
       json.dump(results, f, indent=1)

@@ -2,7 +2,7 @@
 
 Run by ``benchmarks/ffn.py`` in a subprocess, possibly with another Python
 that has torch installed, so that ffn.py itself never imports torch. Prints
-one JSON line ``{dtype: seconds}``.
+one JSON line ``{dtype: [seconds of each step]}``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def _timed(fn) -> float:
   return time.perf_counter() - t
 
 
-def torch_worker(a: argparse.Namespace) -> dict[str, float]:
-  """Times one eager train step per dtype after one warm-up step."""
+def torch_worker(a: argparse.Namespace) -> dict[str, list[float]]:
+  """Times ``--repeats`` eager train steps per dtype after one warm-up."""
   import torch
   import torch.nn.functional as F
 
@@ -43,7 +43,7 @@ def torch_worker(a: argparse.Namespace) -> dict[str, float]:
       (y.float() ** 2).mean().backward()
 
     step()
-    out[name] = _timed(step)
+    out[name] = [_timed(step) for _ in range(a.repeats)]
   return out
 
 
@@ -53,6 +53,7 @@ def main() -> None:
   p.add_argument('--embed', type=int, required=True)
   p.add_argument('--hidden', type=int, required=True)
   p.add_argument('--dtypes', required=True)
+  p.add_argument('--repeats', type=int, default=1)
   print(json.dumps(torch_worker(p.parse_args())))
 
 
