@@ -135,6 +135,7 @@ def jax_cases(shape, a):
 
   import flaxact
   from flaxact._src.moe import dispatch
+  from flaxact._src.moe.experts.api import tile_rows
 
   t, d, e, k, h = shape
   ks = jax.random.split(jax.random.key(0), 8)
@@ -165,7 +166,8 @@ def jax_cases(shape, a):
   def routing(x, rk):
     logits = x @ rk
     w, ex = flaxact.top_k_routing(logits, k)
-    layout = dispatch.make_layout(ex, e, a.tile_size or 128)
+    tile = tile_rows(a.tile_size, 'loop', t * k, e)  # what 'loop' uses
+    layout = dispatch.make_layout(ex, e, tile)
     aux = flaxact.load_balancing_loss(logits, ex, e)
     aux = aux + flaxact.router_z_loss(logits)
     used = layout.tiles_used + layout.row_assign[0]  # keep the layout live

@@ -1,4 +1,4 @@
-"""The MoE benchmark runs, follows its method and refuses a busy machine.
+"""The benchmarks run, follow their method and refuse a busy machine.
 
 Timings are never asserted (they belong to ``benchmarks/``); this keeps the
 script working as the code under it changes, and checks what its method
@@ -79,3 +79,20 @@ def test_quantized_benchmark_quick_run(tmp_path):
     assert fw['ratios']['ptq_weight_bytes'] < 0.3
     assert fw['ptq_auto_vs_dense'] < 1e-5
   assert 'goal <= 1.3' in done.stdout and 'load average before' in done.stdout
+
+
+def test_ffn_benchmark_quick_run(tmp_path):
+  out = tmp_path / 'ffn.json'
+  script = os.path.join(ROOT, 'benchmarks', 'ffn.py')
+  done = _run(
+    '--quick', '--no-torch', '--no-qat', '--layers', '2', '--dtypes',
+    'float32', '--allow-busy', '--json', str(out), script=script,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr[-3000:]
+  r = json.loads(out.read_text())
+  f32 = r['float32']
+  assert set(f32['time_s']) == set(f32['min_time_s']) == set(f32['temp_bytes'])
+  assert f32['single_vs_matmul'] > 0 and f32['single_vs_matmul_min'] > 0
+  assert f32['linen_stack_memory'] < 1  # two residuals instead of four
+  assert len(r['load']['before']) == 3 and 'busy' in r['load']
+  assert 'load average before' in done.stdout

@@ -170,7 +170,9 @@ class MoE(LayerBase):
       ``dot_general`` hook is an error; under Qwix with float kernels and
       no QAT rule it warns that the experts stay float. See
       ``docs/moe_quantized.md``.
-    tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
+    tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls;
+      ``None`` (default) picks it from the shape (as
+      :func:`flaxact.moe_ffn` does).
     router_jitter_noise: ``eps`` in ``[0, 1)`` of the router input's jitter
       noise in training (Mixtral's ``router_jitter_noise``); 0: none.
     deterministic: the default of the call's ``deterministic``: ``True`` (no
@@ -223,7 +225,7 @@ class MoE(LayerBase):
   capacity_factor: float | None = None
   ep_capacity_factor: float | None = None
   impl: Impl | str = 'auto'
-  tile_size: int = 128
+  tile_size: int | None = None
   router_jitter_noise: float = 0.0
   deterministic: bool | None = None
 

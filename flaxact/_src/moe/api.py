@@ -28,7 +28,6 @@ from flaxact._src.activations.gated_product import (
 )
 from flaxact._src.moe.dispatch import MOE_REMAT_POLICY as MOE_REMAT_POLICY
 from flaxact._src.moe.experts.api import (
-  DEFAULT_TILE,
   Impl,
   resolve_impl,
   transform_impl,
@@ -117,7 +116,7 @@ def moe_ffn(
   capacity_factor: float | None = None,
   ep_capacity_factor: float | None = None,
   impl: Impl | str = 'auto',
-  tile_size: int = DEFAULT_TILE,
+  tile_size: int | None = None,
   precision: Any = None,
   dot_general: Callable[..., Array] | None = None,
   router_logits: ArrayLike | None = None,
@@ -191,7 +190,9 @@ def moe_ffn(
       while ``jax.lax.dot_general`` is intercepted (Qwix), else ``'loop'``
       on CPU and ``'tokamax'`` (when installed) or ``'ragged'`` on GPU/TPU
       (why: the Quantized experts and kernel backends page).
-    tile_size: rows per tile of ``'loop'`` and ``'tiles'``.
+    tile_size: rows per tile of ``'loop'`` and ``'tiles'``; ``None`` picks
+      it from the shape: for ``'loop'`` a power of two near half the mean
+      rows per expert, ``T·k/E/2``, from 64 to 512; for ``'tiles'`` 128.
     precision: matmul precision.
     dot_general: replaces :func:`jax.lax.dot_general` in the router and the
       experts (``'dense'``; a grouped ``impl`` with it is an error).

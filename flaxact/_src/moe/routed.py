@@ -35,7 +35,7 @@ def routed_experts(
   *,
   gated_product: Callable[[Array, Array], Array],
   impl: str,
-  tile_size: int,
+  tile_size: int | None,
   precision: Any,
   dot_general: Callable[..., Array] | None,
   mesh: jax.sharding.Mesh | None,

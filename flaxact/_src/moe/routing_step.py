@@ -22,7 +22,7 @@ from flaxact._src.moe.experts import dense
 from flaxact._src.moe.experts.api import (
   GroupedImplUnderQuantizerWarning as GroupedImplUnderQuantizerWarning,
 )
-from flaxact._src.moe.experts.grouped import RAGGED_IMPLS
+from flaxact._src.moe.experts.api import tile_rows
 from flaxact._src.moe.losses import (
   load_balancing_loss,
   router_z_loss,
@@ -242,7 +242,7 @@ def route(
     return done(dropped, None, capacity)
   if mesh is not None:
     return done(none, None)
-  tile = 1 if impl in RAGGED_IMPLS else int(settings.tile_size)
+  tile = tile_rows(settings.tile_size, impl, t * k, e)
   layout = _saved(dispatch.make_layout(routed, e, tile, capacity))
   dropped = layout.dropped  # the sentinel E counts as dropped there
   if token_mask is not None:

@@ -29,7 +29,6 @@ from flaxact._src.common.checks import check_positive_int, normalise_choice
 from flaxact._src.moe import routers
 from flaxact._src.moe.experts import exchange
 from flaxact._src.moe.experts.api import (
-  DEFAULT_TILE,
   Impl,
   check_explicit_impl,
   check_impl,
@@ -94,7 +93,9 @@ class RoutingSettings:
       per-peer row budget of the expert-parallel exchange
       (:func:`flaxact._src.moe.experts.exchange.peer_budget`).
     impl: the experts' matmul (see :mod:`flaxact._src.moe.experts.api`).
-    tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls.
+    tile_size: rows per tile of the ``'loop'`` and ``'tiles'`` impls;
+      ``None`` picks it from the shape
+      (:func:`flaxact._src.moe.experts.api.tile_rows`).
   """
 
   experts_per_token: int
@@ -106,7 +107,7 @@ class RoutingSettings:
   capacity_factor: float | None = None
   ep_capacity_factor: float | None = None
   impl: Impl | str = 'auto'
-  tile_size: int = DEFAULT_TILE
+  tile_size: int | None = None
 
   def check(
     self, owner: str, *, num_experts: int, hooked: bool
@@ -128,7 +129,8 @@ class RoutingSettings:
         ``capacity_factor`` that is not a number.
     """
     k = routers.check_k(self.experts_per_token, num_experts, owner)
-    check_positive_int(self.tile_size, 'tile_size', owner)
+    if self.tile_size is not None:
+      check_positive_int(self.tile_size, 'tile_size', owner)
     try:
       checked = self.normalised()
       if checked.impl != 'auto':

@@ -38,8 +38,43 @@ GROUPED_IMPLS: tuple[str, ...] = typing.get_args(GroupedImpl)
 #: Every ``impl`` value: the grouped impls, ``'dense'`` and ``'auto'``.
 IMPLS: tuple[str, ...] = typing.get_args(Impl)
 
-#: Default rows per tile of the ``'loop'`` and ``'tiles'`` impls.
+#: Rows per tile of ``'tiles'`` when ``tile_size`` is not given.
 DEFAULT_TILE = 128
+#: The range of the rows per tile ``'loop'`` picks (:func:`tile_rows`).
+LOOP_TILES = (64, 512)
+
+
+def tile_rows(
+  tile_size: int | None, impl: str, assignments: int, num_experts: int
+) -> int:
+  """Rows per tile of a grouped impl's layout.
+
+  ``1`` for the ragged impls (unpadded rows); ``tile_size`` where given;
+  else, for ``'loop'``, the largest power of two at most half the mean rows
+  per expert (``assignments / num_experts / 2``), kept within
+  :data:`LOOP_TILES`: large tiles for large matmuls, while each expert's
+  last, partial tile runs in blocks of half, a quarter, ... of a tile
+  (measured in ``benchmarks/moe.py``: 256 rows on the fine shape, 512 on
+  the coarse one); for ``'tiles'`` :data:`DEFAULT_TILE` (its padding is
+  memory).
+
+  >>> tile_rows(None, 'loop', 4096 * 8, 64), tile_rows(None, 'loop', 8192, 8)
+  (256, 512)
+  >>> tile_rows(None, 'tiles', 8192, 8), tile_rows(32, 'loop', 8192, 8)
+  (128, 32)
+  """
+  if impl in ('ragged', 'tokamax'):
+    return 1
+  if tile_size is not None:
+    return int(tile_size)
+  if impl != 'loop':
+    return DEFAULT_TILE
+  low, high = LOOP_TILES
+  half = assignments / max(num_experts, 1) / 2
+  tile = low
+  while tile * 2 <= min(half, high):
+    tile *= 2
+  return tile
 
 
 class GroupedImplUnderQuantizerWarning(UserWarning):

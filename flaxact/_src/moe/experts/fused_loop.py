@@ -11,12 +11,14 @@ arrays, and adds its weighted outputs (and input cotangents) into a
 gate and up pre-activations that the backward pass keeps.
 
 Each expert's rows fill whole tiles except its last tile. The loop visits
-the full tiles first, then the partial tiles in chunks of ``tile // 4``
-rows, only as many chunks as hold rows: an expert with ``n`` rows computes
-``n`` rounded up to a multiple of the chunk instead of the tile (on the
-fine-grained shape of ``benchmarks/moe.py``, 512 rows per expert, the
-padding falls from about 12% of the rows to about 3%). Padding rows stay
-zero in the saved pre-activations.
+the full tiles first, then the partial tiles' rows in blocks of half, a
+quarter, ... of a tile (:func:`block_sizes`), largest first, down to 32 rows
+(a quarter tile for tiles of up to 128 rows): an expert with ``n`` rows
+computes ``n`` rounded up to a multiple of the smallest block instead of the
+tile (on the fine-grained shape of ``benchmarks/moe.py``, 512 rows per
+expert, the padding falls from about 12% of the rows to about 3%), and most
+of its last tile's rows still run in large matmuls. Padding rows stay zero
+in the saved pre-activations.
 
 Sums over a token's ``k`` experts run in visit order instead of expert-slot
 order, so results equal the row-wise impls' to rounding (summed in float32
@@ -37,19 +39,34 @@ def _acc_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _chunk(tile: int) -> int:
-  """Rows per chunk of a partial tile: ``tile // 4`` where that divides."""
-  return tile // 4 if tile % 4 == 0 and tile >= 16 else tile
+def block_sizes(tile: int) -> tuple[int, ...]:
+  """Block sizes a partial tile is split into: ``tile/2, tile/4, ...``.
+
+  Halved while the size divides evenly and stays at least ``min(32,
+  tile // 4)``; empty (no splitting) for a tile under 16 rows or not a
+  multiple of 4. A tile of 128 rows gives ``(64, 32)``, of 512 rows
+  ``(256, 128, 64, 32)``.
+  """
+  if tile % 4 or tile < 16:
+    return ()
+  smallest, sizes, s = min(32, tile // 4), [], tile
+  while s % 2 == 0 and s // 2 >= smallest:
+    s //= 2
+    sizes.append(s)
+  return tuple(sizes)
 
 
 def visits(layout, n: int, num_experts: int):
   """The passes of the loop: ``[(rows, starts, experts, count), ...]``.
 
   Each pass visits ``count`` blocks of ``rows`` rows starting at ``starts``
-  (static length) with expert ``experts``: the full tiles, then the chunks
-  of the partial tiles that hold rows. Valid rows lead every tile (each
-  expert's region starts on a tile boundary), so a tile's valid count tells
-  which chunks it needs.
+  (static length) with expert ``experts``: the full tiles, then the partial
+  tiles' rows in blocks of :func:`block_sizes` -- one block of each size
+  that fits what is left of the tile's valid rows, largest first, and the
+  rest in blocks of the smallest size (so at most ``smallest - 1`` padding
+  rows per partial tile). Valid rows lead every tile (each expert's region
+  starts on a tile boundary), so a tile's valid count tells which blocks
+  it needs.
 
   Args:
     layout: the padded sorted layout.
@@ -59,22 +76,32 @@ def visits(layout, n: int, num_experts: int):
   tile = layout.tile
   nt = layout.row_assign.shape[0] // tile
   cnt = jnp.sum(layout.row_assign.reshape(nt, tile) < n, axis=1)
-  sub = _chunk(tile)
-  if sub == tile:
+  sizes = block_sizes(tile)
+  if not sizes:
     starts = jnp.arange(nt, dtype=jnp.int32) * tile
     return [(tile, starts, layout.tile_expert, layout.tiles_used)]
   full = cnt == tile
   ids = jnp.nonzero(full, size=nt, fill_value=0)[0].astype(jnp.int32)
-  chunks = jnp.where(full, 0, (cnt + sub - 1) // sub).astype(jnp.int32)
+  passes = [(tile, ids * tile, layout.tile_expert[ids], jnp.sum(full))]
+  partial = min(nt, num_experts)  # at most one partial tile per expert
+  rem = jnp.where(full, 0, cnt).astype(jnp.int32)  # rows not yet visited
+  off = jnp.zeros_like(rem)  # where they start in their tile
+  for size in sizes[:-1]:
+    take = rem >= size
+    ids = jnp.nonzero(take, size=partial, fill_value=0)[0].astype(jnp.int32)
+    starts = ids * tile + off[ids]
+    passes.append((size, starts, layout.tile_expert[ids], jnp.sum(take)))
+    off, rem = off + size * take, rem - size * take
+  sub = sizes[-1]  # the rest, fewer than 2 * sub rows unless sizes == (sub,)
+  chunks = (rem + sub - 1) // sub
   end = jnp.cumsum(chunks)
-  m = min(nt, num_experts) * (tile // sub)
-  j = jnp.arange(m, dtype=jnp.int32)
+  per_tile = 2 if len(sizes) > 1 else tile // sub
+  j = jnp.arange(partial * per_tile, dtype=jnp.int32)
   t = jnp.minimum(jnp.searchsorted(end, j, side='right'), nt - 1)
-  off = j - (end[t] - chunks[t])
-  return [
-    (tile, ids * tile, layout.tile_expert[ids], jnp.sum(full)),
-    (sub, t * tile + off * sub, layout.tile_expert[t], end[-1]),
-  ]
+  at = j - (end[t] - chunks[t])
+  starts = t * tile + off[t] + at * sub
+  passes.append((sub, starts, layout.tile_expert[t], end[-1]))
+  return passes
 
 
 def fori_used(count, num: int, body, init):

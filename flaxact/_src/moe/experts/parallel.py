@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from flaxact._src.moe import dispatch
 from flaxact._src.moe.experts import exchange as xc
-from flaxact._src.moe.experts import grouped as gm
+from flaxact._src.moe.experts.api import tile_rows
 
 Array = jax.Array
 
@@ -53,8 +53,10 @@ def _local(x, w, experts, kernels, biases, *, cfg):
     x, w, experts, p, num_local=num_local, axis=axis
   )
   rows = got.x.shape[0]
+  # ~t·k/num_local rows per local expert: ep peers send t·k/E_global each
+  tile = tile_rows(cfg.tile_size, cfg.impl, t * k, num_local)
   layout = dispatch.make_layout(
-    got.local_expert.reshape(rows, 1), num_local, cfg.tile
+    got.local_expert.reshape(rows, 1), num_local, tile
   )
   if tensor is not None and biases[2] is not None:
     # Each 'model' shard adds its partial down projection; the bias once.
@@ -90,7 +92,7 @@ class _Config:
   impl: str
   prod: Any
   precision: Any
-  tile: int
+  tile_size: int | None
   lean: bool
 
 
@@ -125,7 +127,7 @@ def expert_parallel_ffn(
   impl: str,
   gated_product: Any,
   precision: Any = None,
-  tile_size: int = 128,
+  tile_size: int | None = None,
   lean: bool = True,
 ) -> ParallelResult:
   """The routed experts of ``(T, d)`` tokens, experts sharded over a mesh axis.
@@ -155,7 +157,8 @@ def expert_parallel_ffn(
     impl: the grouped-matmul impl each device runs.
     gated_product: ``(gate, up) -> hidden``.
     precision: matmul precision.
-    tile_size: rows per tile (``'loop'``, ``'tiles'``).
+    tile_size: rows per tile (``'loop'``, ``'tiles'``); ``None``: from the
+      local shape (:func:`flaxact._src.moe.experts.api.tile_rows`).
     lean: the experts' custom VJP (see
       :func:`flaxact._src.moe.dispatch.experts_ffn`).
 
@@ -210,7 +213,7 @@ def expert_parallel_ffn(
     impl=impl,
     prod=gated_product,
     precision=precision,
-    tile=1 if impl in gm.RAGGED_IMPLS else int(tile_size),
+    tile_size=tile_size,
     lean=lean,
   )
   fn = jax.shard_map(
