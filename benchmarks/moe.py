@@ -398,7 +398,12 @@ def _torch_results(a):
     '--torch-impls',
     a.torch_impls,
   ] + (['--quick'] if a.quick else [])
-  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')]))
+  env = {**os.environ, 'PYTHONPATH': path}  # the worker imports benchmarks.*
+  done = subprocess.run(
+    cmd, capture_output=True, text=True, check=False, env=env
+  )
   if done.returncode:
     print(f'torch worker failed: {done.stderr[-2000:]}', file=sys.stderr)
     return {}

@@ -5,9 +5,10 @@ with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; prints one JSON
 object: per case, how far the sharded output and gradients are from the
 unsharded layer's (an allclose ratio: at most 1 passes), what the layer
 recorded about drops, the all-gathers of expert or shared-expert kernels and
-the all-reduces in the compiled training step, and the platforms a
-``jax.export`` of the sharded step succeeded for. The one argument, ``layer``
-or ``scan``, picks the stack.
+the all-reduces in the compiled training step, and (NNX, one layer: the
+Linen layer and the stacks run the same sharded body) the platforms a
+``jax.export`` of the sharded step succeeded for. The one argument,
+``layer`` or ``scan``, picks the stack.
 
 A case is a framework (``nnx``, ``linen``) x a configuration x a stack
 (``layer``: one layer; ``scan``: ``L`` layers in a residual
@@ -171,7 +172,8 @@ def nnx_case(config, stack) -> dict:
     graphdef, state = nnx.split(_nnx_model(options, stack))
     fn = functools.partial(step, graphdef)
     ((_, (y, found)), g), out = _run_compiled(fn, state, _x())
-    out['exported'] = _exports(jax.jit(fn), state, _x())
+    if stack == 'layer':
+      out['exported'] = _exports(jax.jit(fn), state, _x())
   out['ratio'] = {'output': _ratio(y, want_y), 'grads': _ratio(g, want_g)}
   out['recorded'] = _drops(nnx.to_pure_dict(found))
   return out
@@ -232,7 +234,6 @@ def linen_case(config, stack) -> dict:
     )
     sharded = jax.device_put({'params': params}, shardings)['params']
     ((_, (y, found)), g), out = _run_compiled(step, sharded, _x())
-    out['exported'] = _exports(jax.jit(step), sharded, _x())
   out['ratio'] = {'output': _ratio(y, want_y), 'grads': _ratio(g, want_g)}
   out['recorded'] = _drops(found)
   return out

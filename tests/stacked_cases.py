@@ -95,15 +95,26 @@ def rule_sets() -> dict[str, tuple]:
   return found
 
 
-# MoE cases are slow to compile, so: the sigmoid router's stacked bias once
-# per stack, expert-parallel; the softmax MoE under every rule set in NNX
-# (which passes a logical name the rules do not map to the mesh unchanged,
-# so every rule set must map 'exp') and in Linen (which replicates such
-# names) under the expert-parallel and tensor-parallel sets.
+# Every case compiles a sharded and an unsharded step, so the matrix is cut
+# where the cases would check the same code: the rule sets differ only in
+# where the logical axes go, and a layer's parameters take them the same way
+# in every stack. So: `GatedFFN` under every rule set in the two residual
+# stacks, the other dense cases under the set that maps both 'embed' and
+# 'mlp'; the softmax MoE under the expert-parallel set and one set that
+# does not name 'expert' (NNX passes a logical name the rules do not map to
+# the mesh unchanged, so every rule set must map 'exp': checked for all of
+# them statically below, and at run time here), the sigmoid router's stacked
+# bias once per stack, expert-parallel.
+BOTH_AXES = ('FSDP_TENSOR_PARALLEL_RULES',)
 ONLY_RULES = {
+  ('nnx_scan', 'FFN'): BOTH_AXES,
+  ('linen_scan', 'FFN'): BOTH_AXES,
+  ('nnx_vmap', 'GatedFFN'): ('FSDP_RULES', 'TENSOR_PARALLEL_RULES'),
+  ('nnx_vmap', 'FFN'): BOTH_AXES,
+  ('nnx_scan', 'MoE'): ('EXPERT_PARALLEL_RULES', 'FSDP_TENSOR_PARALLEL_RULES'),
+  ('linen_scan', 'MoE'): ('EXPERT_PARALLEL_RULES', 'TENSOR_PARALLEL_RULES'),
   ('nnx_scan', 'MoE-sigmoid'): ('EXPERT_PARALLEL_RULES',),
   ('linen_scan', 'MoE-sigmoid'): ('EXPERT_PARALLEL_RULES',),
-  ('linen_scan', 'MoE'): ('EXPERT_PARALLEL_RULES', 'TENSOR_PARALLEL_RULES'),
 }
 
 

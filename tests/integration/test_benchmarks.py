@@ -31,20 +31,24 @@ def _run(*args, script=SCRIPT):
 
 
 def test_quick_run_writes_every_row_with_its_load_and_memory(tmp_path):
+  # every impl, one round: the rows, their memory, the load and the
+  # recommendation line of --impls all
   out = tmp_path / 'moe.json'
   done = _run(
-    '--quick', '--no-layer', '--shapes', 'coarse', '--allow-busy',
-    '--json', str(out),
+    '--quick', '--no-layer', '--shapes', 'coarse', '--impls', 'all',
+    '--repeats', '1', '--allow-busy', '--json', str(out),
   )  # fmt: skip
   assert done.returncode == 0, done.stderr[-3000:]
   r = json.loads(out.read_text())
   rows = r['shapes']['coarse']
-  want = {'dense', 'floor', 'routing', 'loop', 'tiles'}
+  want = {'dense', 'floor', 'routing', 'loop', 'tiles', 'ragged'}
   assert want | {'nnx_layer', 'linen_layer'} <= set(rows)
   assert set(r['temp_bytes']['coarse']) == set(rows)
   assert all(v > 0 for v in r['temp_bytes']['coarse'].values())
   assert len(r['load']['before']) == 3 and len(r['load']['after']) == 3
   assert 'load average before' in done.stdout
+  line = [ln for ln in done.stdout.splitlines() if 'recommended impl' in ln]
+  assert len(line) == 1 and "impl='auto' picks" in line[0], done.stdout
 
 
 def test_refuses_a_busy_machine_unless_told():
@@ -52,16 +56,6 @@ def test_refuses_a_busy_machine_unless_told():
   assert done.returncode != 0
   assert 'not be publishable' in done.stderr
   assert 'MoE forward+backward' not in done.stdout
-
-
-def test_impls_all_prints_a_recommendation_for_this_device():
-  done = _run(
-    '--quick', '--no-layer', '--shapes', 'coarse', '--impls', 'all',
-    '--repeats', '1', '--allow-busy',
-  )  # fmt: skip
-  assert done.returncode == 0, done.stderr[-3000:]
-  line = [ln for ln in done.stdout.splitlines() if 'recommended impl' in ln]
-  assert len(line) == 1 and "impl='auto' picks" in line[0], done.stdout
 
 
 def test_quantized_benchmark_quick_run(tmp_path):

@@ -5,7 +5,7 @@ here check its report: NNX and Linen, one layer and a scanned stack, with
 an ``ep_capacity_factor``, with ``capacity_factor`` under a mesh and with
 tensor-parallel experts (``'mlp'`` on ``'model'``) equal the unsharded
 layers in output and gradients, record their drops, gather no expert or
-shared-expert kernel, and export for TPU and CUDA.
+shared-expert kernel, and (NNX, one layer) export for TPU and CUDA.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def test_layer_at_scale_equals_one_device(name):
   assert result['ratio']['output'] <= 1.0, result['ratio']
   assert result['ratio']['grads'] <= 1.0, result['ratio']
   assert result['kernel_gathers'] == [], result['kernel_gathers']
-  assert result['exported'] == ['tpu', 'cuda']
+  if name.startswith('nnx_') and name.endswith('_layer'):
+    assert result['exported'] == ['tpu', 'cuda']
   recorded = result['recorded']
   config = name.split('_')[1]
   if config == 'capacity':
