@@ -77,6 +77,9 @@ CONFIGS = {
   ),
 }
 PLATFORMS = ('tpu', 'cuda')
+#: The configurations each stack runs: a scanned stack adds the layers axis
+#: around the same sharded body, so one configuration checks it.
+STACK_CONFIGS = {'layer': tuple(CONFIGS), 'scan': ('budget',)}
 
 
 def _x():
@@ -254,7 +257,7 @@ def _drops(found) -> dict:
 def main(stack: str) -> None:
   require_devices(8)
   report = {}
-  for config in CONFIGS:
+  for config in STACK_CONFIGS[stack]:
     for framework, case in (('nnx', nnx_case), ('linen', linen_case)):
       name = f'{framework}_{config}_{stack}'
       try:

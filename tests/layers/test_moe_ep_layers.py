@@ -20,8 +20,8 @@ from tests.multidevice import json_report
 
 NAMES = [
   f'{framework}_{config}_{stack}'
-  for config in cases.CONFIGS
-  for stack in ('layer', 'scan')
+  for stack, configs in cases.STACK_CONFIGS.items()
+  for config in configs
   for framework in ('nnx', 'linen')
 ]
 

@@ -25,6 +25,7 @@ from aqt.jax.v2.flax import aqt_flax
 
 from flaxact import linen as fl
 from flaxact._src.moe import dispatch
+from flaxact._src.moe.experts.api import tile_rows
 from flaxact._src.moe.routing_step import GroupedImplUnderQuantizerWarning
 from tests import moe_quantization_helpers as mh
 from tests import quantization_helpers as qh
@@ -298,7 +299,8 @@ def test_qat_keeps_two_expert_hidden_sized_residuals(impl):
 
   t = x.size // D
   # 'dense': (E, T, H); 'auto': the grouped impl's padded rows (R, H)
-  rows = dispatch.num_rows(t * K, E, moe.tile_size, None)
+  tile = tile_rows(moe.tile_size, 'loop', t * K, E)  # the CPU's grouped impl
+  rows = dispatch.num_rows(t * K, E, tile, None)
   shape = (E, t, H) if impl == 'dense' else (rows, H)
   hidden = residuals_of_shape(loss, (v, x), shape)
   assert len(hidden) == 2, hidden

@@ -53,7 +53,7 @@ def tile_rows(
   else, for ``'loop'``, the largest power of two at most half the mean rows
   per expert (``assignments / num_experts / 2``), kept within
   :data:`LOOP_TILES`: large tiles for large matmuls, while each expert's
-  last, partial tile runs in blocks of half, a quarter, ... of a tile
+  last, partial tile runs in smaller blocks (half a tile, a quarter, ...)
   (measured in ``benchmarks/moe.py``: 256 rows on the fine shape, 512 on
   the coarse one); for ``'tiles'`` :data:`DEFAULT_TILE` (its padding is
   memory).

@@ -11,9 +11,10 @@ arrays, and adds its weighted outputs (and input cotangents) into a
 gate and up pre-activations that the backward pass keeps.
 
 Each expert's rows fill whole tiles except its last tile. The loop visits
-the full tiles first, then the partial tiles' rows in blocks of half, a
-quarter, ... of a tile (:func:`block_sizes`), largest first, down to 32 rows
-(a quarter tile for tiles of up to 128 rows): an expert with ``n`` rows
+the full tiles first, then the partial tiles' rows in blocks
+(:func:`block_sizes`): for tiles of 256 rows or more, half a tile, a
+quarter, ... down to 32 rows, each where it fits; a quarter tile for smaller
+tiles: an expert with ``n`` rows
 computes ``n`` rounded up to a multiple of the smallest block instead of the
 tile (on the fine-grained shape of ``benchmarks/moe.py``, 512 rows per
 expert, the padding falls from about 12% of the rows to about 3%), and most
@@ -40,17 +41,20 @@ def _acc_dtype(dtype):
 
 
 def block_sizes(tile: int) -> tuple[int, ...]:
-  """Block sizes a partial tile is split into: ``tile/2, tile/4, ...``.
+  """Block sizes a partial tile is split into, largest first.
 
-  Halved while the size divides evenly and stays at least ``min(32,
-  tile // 4)``; empty (no splitting) for a tile under 16 rows or not a
-  multiple of 4. A tile of 128 rows gives ``(64, 32)``, of 512 rows
-  ``(256, 128, 64, 32)``.
+  A tile of 256 rows or more: half a tile, a quarter, ... down to 32 rows
+  (``(128, 64, 32)`` for 256). A smaller tile: ``tile // 4`` rows alone
+  (each block size is a loop of its own in the forward and the backward
+  pass, which costs compile time where the matmuls are small). Empty (no
+  splitting) for a tile under 16 rows or not a multiple of 4.
   """
   if tile % 4 or tile < 16:
     return ()
-  smallest, sizes, s = min(32, tile // 4), [], tile
-  while s % 2 == 0 and s // 2 >= smallest:
+  if tile < 256:
+    return (tile // 4,)
+  sizes, s = [], tile
+  while s % 2 == 0 and s // 2 >= 32:
     s //= 2
     sizes.append(s)
   return tuple(sizes)
@@ -61,12 +65,12 @@ def visits(layout, n: int, num_experts: int):
 
   Each pass visits ``count`` blocks of ``rows`` rows starting at ``starts``
   (static length) with expert ``experts``: the full tiles, then the partial
-  tiles' rows in blocks of :func:`block_sizes` -- one block of each size
-  that fits what is left of the tile's valid rows, largest first, and the
-  rest in blocks of the smallest size (so at most ``smallest - 1`` padding
-  rows per partial tile). Valid rows lead every tile (each expert's region
-  starts on a tile boundary), so a tile's valid count tells which blocks
-  it needs.
+  tiles' rows in blocks of :func:`block_sizes` -- one block of each larger
+  size that fits what is left of the tile's valid rows, largest first, and
+  the rest in blocks of the smallest size (so at most ``smallest - 1``
+  padding rows per partial tile). Valid rows lead every tile (each
+  expert's region starts on a tile boundary), so a tile's valid count
+  tells which blocks it needs.
 
   Args:
     layout: the padded sorted layout.
@@ -92,7 +96,7 @@ def visits(layout, n: int, num_experts: int):
     starts = ids * tile + off[ids]
     passes.append((size, starts, layout.tile_expert[ids], jnp.sum(take)))
     off, rem = off + size * take, rem - size * take
-  sub = sizes[-1]  # the rest, fewer than 2 * sub rows unless sizes == (sub,)
+  sub = sizes[-1]  # the rest: fewer than 2 * sub rows, or than a tile
   chunks = (rem + sub - 1) // sub
   end = jnp.cumsum(chunks)
   per_tile = 2 if len(sizes) > 1 else tile // sub

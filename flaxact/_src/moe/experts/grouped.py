@@ -16,8 +16,8 @@ FFN, so every impl runs the same arithmetic in the same order:
   batched matmul over the tiles with each tile's expert kernel gathered.
   One big op per matmul; the gathered kernels cost memory traffic.
 - ``'loop'``: the same padded tiles, visited by a loop over the tiles in
-  use (the full ones, then each partial tile's rows in blocks of half a
-  tile, a quarter, ... down to 32 rows); each step is a dense matmul with
+  use (the full ones, then each partial tile's rows in smaller blocks:
+  ``fused_loop.block_sizes``); each step is a dense matmul with
   the tile's expert kernel read in place (:class:`DenseOps`), with the
   dispatch and combine fused into the tiles
   (:mod:`flaxact._src.moe.experts.fused_loop`). The fastest on CPU
