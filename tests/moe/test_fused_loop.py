@@ -10,6 +10,9 @@ padding rows are computed per partial tile.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,9 +38,12 @@ def test_block_sizes(tile, sizes):
   assert fused_loop.block_sizes(tile) == sizes
 
 
+E = 8
+
+
 def _routings():
   rng = np.random.default_rng(0)
-  t, k, e = 200, 4, 8
+  t, k, e = 200, 4, E
   balanced = np.stack([rng.permutation(e)[:k] for _ in range(t)])
   skewed = np.stack(
     [
@@ -56,20 +62,33 @@ def _routings():
   }
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _plan(experts, tile, capacity):
+  """The layout's rows and the loop's passes (starts, experts, count)."""
+  layout = dispatch.make_layout(experts, E, tile, capacity)
+  passes = fused_loop.visits(layout, experts.size, E)
+  return (
+    layout.row_assign,
+    layout.row_expert,
+    layout.sizes,
+    [p[1:] for p in passes],
+  )
+
+
 @pytest.mark.parametrize('tile', [8, 16, 64, 128, 256, 512])
 @pytest.mark.parametrize('routing', list(_routings()))
 def test_visits_cover_every_row_once(tile, routing):
   experts, capacity = _routings()[routing]
-  e = 8
   n = experts.size
-  layout = dispatch.make_layout(jnp.asarray(experts), e, tile, capacity)
-  row_assign = np.asarray(layout.row_assign)
-  row_expert = np.asarray(layout.row_expert)
+  row_assign, row_expert, sizes, passes = jax.tree.map(
+    np.asarray, _plan(jnp.asarray(experts), tile, capacity)
+  )
   seen = np.zeros(row_assign.shape[0], np.int32)
   padding = 0
-  sizes = fused_loop.block_sizes(tile)
-  for size, starts, block_experts, count in fused_loop.visits(layout, n, e):
-    starts, block_experts = np.asarray(starts), np.asarray(block_experts)
+  blocks = fused_loop.block_sizes(tile)
+  rows = (tile, *blocks) if blocks else (tile,)
+  assert len(rows) == len(passes)
+  for size, (starts, block_experts, count) in zip(rows, passes, strict=True):
     for i in range(int(count)):
       at = int(starts[i])
       assert at // tile == (at + size - 1) // tile, 'block leaves its tile'
@@ -79,6 +98,6 @@ def test_visits_cover_every_row_once(tile, routing):
   valid = row_assign < n
   np.testing.assert_array_equal(seen[valid], 1)
   assert seen.max(initial=0) <= 1
-  partial_tiles = int(np.sum(np.asarray(layout.sizes) % tile != 0))
-  smallest = sizes[-1] if sizes else tile
+  partial_tiles = int(np.sum(sizes % tile != 0))
+  smallest = blocks[-1] if blocks else tile
   assert padding <= partial_tiles * (smallest - 1)
