@@ -27,6 +27,7 @@ import jax
 from flaxact._src.common.checks import normalise_choice
 from flaxact._src.common.interception import dot_general_intercepted
 from flaxact._src.common.tracing import transforms
+from flaxact._src.moe.experts.grouped import RAGGED_IMPLS
 
 #: A grouped-matmul impl (rows sorted by expert).
 GroupedImpl = Literal['loop', 'ragged', 'tiles', 'tokamax']
@@ -63,7 +64,7 @@ def tile_rows(
   >>> tile_rows(None, 'tiles', 8192, 8), tile_rows(32, 'loop', 8192, 8)
   (128, 32)
   """
-  if impl in ('ragged', 'tokamax'):
+  if impl in RAGGED_IMPLS:
     return 1
   if tile_size is not None:
     return int(tile_size)
