@@ -61,6 +61,22 @@ def run(script, *args, env=None, timeout=300):
   )
 
 
+def run_main_in_process(script, *args, capsys):
+  """``script``'s ``main(args)`` in this process, as its ``__main__`` runs it.
+
+  For the bad-argument cases, which end before any training: a subprocess
+  each would spend its time importing JAX. ``test_bad_arguments_end_the_
+  process`` runs one case of each script as a subprocess.
+  """
+  module, cli = import_examples(script.removesuffix('.py'), '_cli')
+  try:
+    code = cli.run_main(script, module.main, [str(a) for a in args])
+  except SystemExit as e:  # argparse's errors
+    code = e.code
+  out = capsys.readouterr()
+  return subprocess.CompletedProcess(script, code, out.out, out.err)
+
+
 def assert_png(path):
   assert os.path.getsize(path) > 1000, path
   with open(path, 'rb') as f:
@@ -240,16 +256,16 @@ def test_glu_variants_builtin_corpus(tmp_path):
     'heads',
   ],
 )
-def test_glu_variants_bad_arguments(tmp_path, make_args, fragments):
+def test_glu_variants_bad_arguments(tmp_path, make_args, fragments, capsys):
   (tmp_path / 'empty.txt').write_text('')
   (tmp_path / 'latin1.txt').write_bytes('abc\xe9t\xe9'.encode('latin-1'))
   (tmp_path / 'short.txt').write_text('To be, or not to be.\n')
-  proc = run(
+  proc = run_main_in_process(
     'glu_variants.py',
     *make_args(tmp_path),
     '--out',
     tmp_path / 'out',
-    timeout=120,
+    capsys=capsys,
   )
   assert_one_line_error(proc, *fragments)
   assert not (tmp_path / 'out' / 'results.json').exists()
@@ -378,9 +394,25 @@ def test_gelu_mlp_digits_tiny_run(tmp_path):
   ],
   ids=['zero-seeds', 'gated', 'unknown', 'batch'],
 )
-def test_gelu_mlp_digits_bad_arguments(tmp_path, args, fragments):
-  proc = run('gelu_mlp_digits.py', *args, '--out', tmp_path, timeout=120)
+def test_gelu_mlp_digits_bad_arguments(tmp_path, args, fragments, capsys):
+  proc = run_main_in_process(
+    'gelu_mlp_digits.py', *args, '--out', tmp_path, capsys=capsys
+  )
   assert_one_line_error(proc, *fragments)
+
+
+@pytest.mark.parametrize(
+  'script, args, fragment',
+  [
+    ('glu_variants.py', ['--variants', 'relu,sparkle'], "'sparkle'"),
+    ('gelu_mlp_digits.py', ['--seeds', '0'], '--seeds'),
+  ],
+)
+def test_bad_arguments_end_the_process(tmp_path, script, args, fragment):
+  proc = run(script, *args, '--out', tmp_path / 'out', timeout=120)
+  assert proc.returncode == 2
+  assert_one_line_error(proc, fragment)
+  assert not (tmp_path / 'out' / 'results.json').exists()
 
 
 # ---------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from tests.multidevice import run_on_simulated_devices
 TOL = dict(rtol=1e-5, atol=1e-5)  # sums over other token counts reorder
 MASK = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], bool)
 REAL = int(MASK.sum())
-IMPLS = ('loop', 'tiles', 'ragged', 'dense')
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +86,12 @@ def _layer(case, **kw):
   return layer
 
 
-@pytest.mark.parametrize('framework', ['nnx', 'linen'])
-@pytest.mark.parametrize('impl', IMPLS)
+# Each impl once, each framework twice: the impls' masking is checked one by
+# one in tests/moe/test_token_mask.py; here, that both layers pass it on.
+@pytest.mark.parametrize(
+  'framework, impl',
+  [('nnx', 'loop'), ('linen', 'tiles'), ('nnx', 'ragged'), ('linen', 'dense')],
+)
 def test_masked_batch_equals_the_batch_without_padding(framework, impl):
   layer = _layer('sigmoid_scaled', impl=impl)
   x, m = _x(), jnp.asarray(MASK)
@@ -175,25 +178,30 @@ def test_nnx_jitter_noise_is_moe_ffns_on_the_router_input():
   eps, key = 0.3, jax.random.key(7)
   noisy = mh.nnx_layer('softmax', router_jitter_noise=eps)
   x = mh.x_input()
-  y = noisy(x, rngs=key)
+  # jitted calls (eager dispatch is slow); nnx.jit carries the rng stream
+  call = nnx.jit(lambda m, x: m(x))
+  y = nnx.jit(lambda m, x, key: m(x, rngs=key))(noisy, x, key)
   w = [
     getattr(noisy, n).kernel[...]
     for n in ('router', 'gate_proj', 'up_proj', 'down_proj')
   ]
-  want, _ = flaxact.moe_ffn(
-    x, *w, experts_per_token=mh.K, router_jitter_noise=eps, key=key
-  )
+  want, _ = jax.jit(
+    lambda *a: flaxact.moe_ffn(
+      *a, experts_per_token=mh.K, router_jitter_noise=eps, key=key
+    )
+  )(x, *w)
   np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
-  plain = mh.nnx_layer('softmax')(x)
+  plain = call(mh.nnx_layer('softmax'), x)
   assert not np.allclose(y, plain)
-  np.testing.assert_array_equal(noisy(x, deterministic=True), plain)
+  deterministic = nnx.jit(lambda m, x: m(x, deterministic=True))
+  np.testing.assert_array_equal(deterministic(noisy, x), plain)
   noisy.eval()
-  np.testing.assert_array_equal(noisy(x), plain)
+  np.testing.assert_array_equal(call(noisy, x), plain)
   noisy.train()  # the 'default' stream kept at construction
-  first, second = noisy(x), noisy(x)
+  first, second = call(noisy, x), call(noisy, x)
   assert not np.array_equal(first, second)  # the stream moves on
   again = mh.nnx_layer('softmax', router_jitter_noise=eps)
-  np.testing.assert_array_equal(again(x), first)  # reproducible
+  np.testing.assert_array_equal(call(again, x), first)  # reproducible
 
 
 def test_linen_jitter_noise_follows_deterministic_and_the_dropout_rng():

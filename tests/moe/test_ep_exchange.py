@@ -52,8 +52,8 @@ def test_capacity_factor_on_a_mesh_drops_as_one_device(mesh, impl):
   assert _result(f'capacity_{mesh}_{impl}') == []
 
 
-@pytest.mark.parametrize('mesh', MESHES)
-def test_exchange_bytes_are_proportional_to_the_routed_tokens(mesh):
+def test_exchange_bytes_are_proportional_to_the_routed_tokens():
+  mesh = cases.BYTES_MESH
   figures = _result(f'bytes_{mesh}')
   capped, dropless = figures['1.25'], figures['None']
   assert capped['fwd_ratio'] <= 1.3, capped

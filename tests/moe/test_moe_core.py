@@ -157,8 +157,8 @@ def test_impls_agree_under_jit_and_vmap():
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
 def test_half_precision_dtype_preserved_router_in_f32(dtype):
   w = _weights(dtype)
-  y, aux = _call(w, 2, impl='loop')
-  y32, _ = _call(_weights(), 2, impl='loop')
+  y, aux = _jit_call(w, 2, impl='loop')
+  y32, _ = _jit_call(_weights(), 2, impl='loop')
   assert y.dtype == dtype and aux.router_logits.dtype == jnp.float32
   np.testing.assert_allclose(
     np.asarray(y, np.float32), np.asarray(y32), rtol=0.1, atol=0.1
@@ -220,9 +220,13 @@ def test_dense_with_capacity_uses_the_slots_only(capacity_factor):
   assert len(residuals_of_shape(remat, args, (E, c, H))) == 2
   assert not residuals_of_shape(remat, args, (E, T, H))
   with jax.default_matmul_precision('highest'):
-    (got, dropped), g = jax.value_and_grad(loss, (0, 1, 3), has_aux=True)(*args)
-    (want, want_dropped), g_want = jax.value_and_grad(
-      functools.partial(loss, impl='loop'), (0, 1, 3), has_aux=True
+    (got, dropped), g = jax.jit(
+      jax.value_and_grad(loss, (0, 1, 3), has_aux=True)
+    )(*args)
+    (want, want_dropped), g_want = jax.jit(
+      jax.value_and_grad(
+        functools.partial(loss, impl='loop'), (0, 1, 3), has_aux=True
+      )
     )(*args)
   if capacity_factor < 1:
     assert int(dropped.sum()) > 0  # the capacity bites
@@ -246,7 +250,7 @@ def test_dot_general_hook_reaches_router_and_every_expert_projection():
   w, calls = _weights(bias=True), []
   with jax.default_matmul_precision('highest'):
     y, _ = _call(w, 2, dot_general=_recording_dot(calls))  # 'auto'
-    want, _ = _call(w, 2, impl='loop')
+    want, _ = _jit_call(w, 2, impl='loop')
   assert calls == [(D, E), (E, D, H), (E, D, H), (E, H, D)]
   np.testing.assert_allclose(np.asarray(y), np.asarray(want), **F32_FFN)
   with pytest.raises(ValueError, match=r"impl='loop'.*dot_general"):
@@ -258,7 +262,7 @@ def test_auto_runs_dense_while_dot_general_is_intercepted(monkeypatch):
   w, calls = _weights(), []
   original = jax.lax.dot_general
   with jax.default_matmul_precision('highest'):
-    want, _ = _call(w, 2)  # the grouped 'loop'
+    want, _ = _jit_call(w, 2)  # the grouped 'loop'
 
     def patched(lhs, rhs, dims, precision=None, preferred_element_type=None):
       calls.append(tuple(rhs.shape))

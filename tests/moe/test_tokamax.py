@@ -133,17 +133,18 @@ def test_tokamax_equals_every_impl_forward_and_gradients(tokamax):
 def test_tokamax_layers_and_vmap(tokamax):
   x = jax.random.normal(jax.random.key(0), (3, 5, D))
   layer = fx.MoE(D, H, E, K, impl='tokamax', rngs=nnx.Rngs(0))
-  y = layer(x)
+  call = nnx.jit(lambda m, x: m(x))  # jitted: eager dispatch is slow
+  y = call(layer, x)
   layer.impl = 'loop'
-  chex.assert_trees_all_close(layer(x), y, **F32_FFN)
+  chex.assert_trees_all_close(call(layer, x), y, **F32_FFN)
   linen = fl.MoE(H, E, K, impl='tokamax')
   v = linen.init(jax.random.key(0), x)
-  y = linen.apply(v, x)
+  y = jax.jit(linen.apply)(v, x)
   chex.assert_trees_all_close(
-    fl.MoE(H, E, K, impl='ragged').apply(v, x), y, **F32_FFN
+    jax.jit(fl.MoE(H, E, K, impl='ragged').apply)(v, x), y, **F32_FFN
   )
   # under vmap the ragged impls run as 'tiles' (no batching rule)
-  per_example = jax.vmap(lambda x: linen.apply(v, x))(x)
+  per_example = jax.jit(jax.vmap(lambda x: linen.apply(v, x)))(x)
   chex.assert_trees_all_close(per_example, y, **F32_FFN)
 
 

@@ -3,7 +3,10 @@
 A padded batch with its padding masked must give what the same batch
 without the padding gives: outputs on the real tokens, loads, drops and
 losses, and gradients; every impl, with and without capacity, under jit,
-and expert-parallel on 8 simulated devices.
+and expert-parallel on 8 simulated devices (mesh ``data=2, expert=4``),
+where each device also holds a quarter of every expert kernel's experts
+axis and the compiled step moves tokens with all-to-all and never
+all-gathers a kernel (the former ``tests/moe/test_expert_parallel.py``).
 """
 
 from __future__ import annotations
@@ -79,10 +82,9 @@ def test_masked_batch_equals_the_batch_without_padding(impl, capacity):
 
 def test_masked_tokens_reach_no_expert_and_keep_their_routing():
   x, *w = _args()
-  _, aux = flaxact.moe_ffn(
-    x, *w, experts_per_token=K, token_mask=jnp.asarray(MASK)
-  )
-  _, plain = flaxact.moe_ffn(x, *w, experts_per_token=K)
+  call = jax.jit(functools.partial(flaxact.moe_ffn, experts_per_token=K))
+  _, aux = call(x, *w, token_mask=jnp.asarray(MASK))
+  _, plain = call(x, *w)
   np.testing.assert_array_equal(aux.experts, plain.experts)
   assert int(aux.expert_load.sum()) == REAL * K
   assert int(plain.expert_load.sum()) == T * K
@@ -92,10 +94,11 @@ def test_sigmoid_router_and_batched_tokens_with_a_mask():
   x, *w = _args()
   x3, m3 = x.reshape(2, 6, D), jnp.asarray(MASK.reshape(2, 6))
   kw = dict(experts_per_token=K, router='sigmoid', routed_scaling_factor=2.0)
+  call = jax.jit(functools.partial(flaxact.moe_ffn, **kw))
   with jax.default_matmul_precision('highest'):
-    y, aux = flaxact.moe_ffn(x3, *w, token_mask=m3, **kw)
-    want, want_aux = flaxact.moe_ffn(x[MASK], *w, **kw)
-    rows = [flaxact.moe_ffn(x3[i][m3[i]][None], *w, **kw)[1] for i in (0, 1)]
+    y, aux = call(x3, *w, token_mask=m3)
+    want, want_aux = call(x[MASK], *w)
+    rows = [call(x3[i][m3[i]][None], *w)[1] for i in (0, 1)]
   np.testing.assert_allclose(y[m3], want, **TOL)
   np.testing.assert_allclose(
     aux.load_balancing_loss, want_aux.load_balancing_loss
@@ -187,7 +190,7 @@ EP_SCRIPT = textwrap.dedent(
   with jax.default_matmul_precision('highest'):
     grad = lambda f: jax.value_and_grad(f, argnums=tuple(range(5)),
                                         has_aux=True)
-    (ref, (ref_y, ref_load)), ref_g = grad(loss)(*args)
+    (ref, (ref_y, ref_load)), ref_g = jax.jit(grad(loss))(*args)
     put = [jax.device_put(a, NamedSharding(mesh, s))
            for a, s in zip(args, specs)]
     for impl in ('loop', 'ragged'):
@@ -202,6 +205,16 @@ EP_SCRIPT = textwrap.dedent(
       for a, b in zip(g, ref_g):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                    rtol=1e-4, atol=1e-5)
+      for a in g[2:]:  # each device holds a quarter of the experts
+        assert a.sharding.spec[0] == 'expert', a.sharding
+        assert a.addressable_shards[0].data.shape[0] == E // 4
+      # tokens move with all-to-all; no expert kernel is all-gathered
+      hlo = step.lower(*put).compile().as_text()
+      assert 'all-to-all' in hlo
+      for line in hlo.splitlines():
+        if ' all-gather(' in line:
+          shape = line.split('=')[1].split('all-gather')[0]
+          assert f'{D},{H}' not in shape and f'{H},{D}' not in shape, line
   print('EP MASK OK')
   """
 )
