@@ -163,8 +163,8 @@ def _layer(kind, *, rngs=None):
     # 'tiles': where the parameters go does not depend on the impl, and
     # 'tiles' compiles in half the time of 'loop' (CPU's 'auto'; the impls
     # under a mesh are checked in tests/moe/test_ep_exchange.py).
-    kw = dict(router='sigmoid' if kind == 'MoE-sigmoid' else 'softmax')
-    kw['impl'] = 'tiles'
+    router = 'sigmoid' if kind == 'MoE-sigmoid' else 'softmax'
+    kw = dict(router=router, impl='tiles')
     if rngs:
       return fx.MoE(D, H_MOE, E, K, **kw, rngs=rngs)
     return fl.MoE(H_MOE, num_experts=E, experts_per_token=K, **kw)

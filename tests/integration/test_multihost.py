@@ -12,8 +12,9 @@ lowered for TPU and CUDA on an abstract ``2 x 4`` mesh.
 
 Every subprocess has a hard timeout, each test picks a free port, and a
 ``finally`` kills every child still running, so a hung process fails the
-test instead of hanging CI. Compiled programs are shared through a
-persistent compilation cache in the test's temporary directory.
+test instead of hanging CI. Compiled programs are shared through the test
+run's persistent compilation cache, which the processes inherit
+(``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -46,14 +47,11 @@ TINY = (
 TIMEOUT = 150  # seconds for one run, on a busy 2-core machine
 
 
-def _env(tmp) -> dict[str, str]:
+def _env() -> dict[str, str]:
   return {
     **os.environ,
     'PYTHONPATH': ROOT,
     'PYTHONUNBUFFERED': '1',
-    'JAX_COMPILATION_CACHE_DIR': str(tmp / 'jax-cache'),
-    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-    'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
   }
 
 
@@ -73,7 +71,7 @@ def _run(tmp, *args, timeout=TIMEOUT):
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
-    env=_env(tmp),
+    env=_env(),
     cwd=ROOT,
     start_new_session=True,  # its own process group: killed as one
   )
@@ -155,7 +153,7 @@ def _worker(tmp, i, port, out_dir, *extra):
     stdout=subprocess.PIPE,
     stderr=subprocess.DEVNULL,
     text=True,
-    env=_env(tmp),
+    env=_env(),
     cwd=ROOT,
   )
 
