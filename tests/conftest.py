@@ -10,12 +10,13 @@ import tempfile
 import jax
 import pytest
 
-#: The run's compilation cache, shared by the xdist workers and every child
-#: process the tests start (they inherit the environment).
-CACHE_ENV = {
-  'JAX_COMPILATION_CACHE_DIR': None,  # set in pytest_configure
-  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-  'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+#: The run's compilation cache keeps every compiled module, however quick
+#: or small; the xdist workers and every child process the tests start
+#: inherit these settings (as ``JAX_...`` environment variables) with the
+#: directory.
+CACHE_OPTIONS = {
+  'jax_persistent_cache_min_compile_time_secs': 0,
+  'jax_persistent_cache_min_entry_size_bytes': 0,
 }
 
 
@@ -34,12 +35,13 @@ def pytest_configure(config):
   if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     path = tempfile.mkdtemp(prefix='flaxact-jax-cache-')
     config._flaxact_cache_dir = path  # this process removes it
-    os.environ.update({**CACHE_ENV, 'JAX_COMPILATION_CACHE_DIR': path})
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = path
+    os.environ.update({k.upper(): str(v) for k, v in CACHE_OPTIONS.items()})
   jax.config.update(
     'jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR']
   )
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  for name, value in CACHE_OPTIONS.items():
+    jax.config.update(name, value)
 
 
 def pytest_unconfigure(config):
